@@ -1,0 +1,70 @@
+"""Which backends exist, which can run on a device, and the kernel function of each.
+
+Every kernel has one signature: ``kernel(x, h, b, s, spec, scale_map) -> out`` with b, s 0-d float32
+(float64 for float64 inputs) tensors, ``spec`` the validated :class:`~freeu_kernels.spec.FreeUSpec`, and
+``scale_map`` the version-2 scale ``(b - 1) m^ + 1`` of shape (N, [F,] H, W) or None for version 1.
+Kernel modules are imported on first use, so importing the package never needs Triton or the extension.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Optional
+
+import torch
+
+# Automatic choice on CUDA tensors, best first. Triton leads because it is the backend CI exercises on
+# every submission (through its interpreter); the CUDA C++ kernel follows until GPU measurements in
+# bench/results/ show it ahead. Off CUDA, "auto" is always the torch backend: the Triton interpreter is
+# for tests, not for speed.
+CUDA_PREFERENCE = ("triton", "cuda", "torch")
+PREFERENCE_ORDER = ("torch", "triton", "cuda")
+
+_MODULES = {
+    "torch": ("freeu_kernels.backends.torch_backend", "fused_concat_torch"),
+    "triton": ("freeu_kernels.backends.triton_backend", "fused_concat_triton"),
+    "cuda": ("freeu_kernels.backends.cuda_backend", "fused_concat_cuda"),
+}
+
+
+def interpreter_enabled() -> bool:
+    """True when TRITON_INTERPRET=1: Triton kernels then run on CPU tensors, in Python."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def why_unavailable(name: str, device: torch.device) -> Optional[str]:
+    """None if backend ``name`` can run on ``device``, else the reason."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        try:
+            importlib.import_module("triton")
+        except ImportError:
+            return "triton is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+            return None
+        return "Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1"
+    if name == "cuda":
+        if device.type != "cuda":
+            return "the CUDA C++ kernel runs on CUDA tensors only"
+        from . import cuda_backend
+
+        return cuda_backend.load_error()
+    return f"unknown backend {name!r}"
+
+
+def is_available(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` can run on ``device``; "auto" never picks triton for CPU tensors."""
+    return why_unavailable(name, device) is None
+
+
+def auto_order(device: torch.device):
+    """Backends the automatic choice tries for this device, best first."""
+    return CUDA_PREFERENCE if device.type == "cuda" else ("torch",)
+
+
+def kernel(name: str) -> Callable:
+    """The kernel function of backend ``name`` (imports its module on first use)."""
+    module_name, attr = _MODULES[name]
+    return getattr(importlib.import_module(module_name), attr)

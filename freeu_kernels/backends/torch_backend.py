@@ -1,0 +1,167 @@
+"""The "torch" backend: FreeU at one concat in plain PyTorch, no FFT, no complex tensors, any device.
+
+Math (DESIGN.md section 2, in real arithmetic). Per plane h (H x W), with twiddle tables
+``Ey = [cos(2 pi ky y / H) | sin(2 pi ky y / H)]`` (H x 2ny) and ``Ex`` likewise (W x 2nx):
+
+    M  = Ey^T h Ex                      (2ny x 2nx): Scc, Scs / Ssc, Sss for every grid frequency
+    R  = Scc - Sss,  I = Ssc + Scs      so that X(k) = R_k - i I_k
+    Qr = w * R,      Qi = w * I         w_k = (s - g_hi) [k in K] / (H W)
+    h' = g_hi h + Ey [[Qr, Qi], [Qi, -Qr]] Ex^T
+
+because Re(X(k) e^{i(a + b)}) = R (cos a cos b - sin a sin b) + I (sin a cos b + cos a sin b).
+Two thin matmuls over the data (h Ex, then the rank-2nx update) and tiny ones in between; the update is
+a single ``baddbmm`` that writes the output slice directly (beta = g_hi), so h is read twice and the
+output written once. For bfloat16/float16 the update's operands are split into a high and a low half
+(a = a_hi + a_lo, exact to 2^-16) so the low-precision matmul, which accumulates in float32 and rounds
+once, keeps float32 accuracy; the moments are taken from float32 copies of h made a chunk at a time
+so no full-size float32 temporary is ever allocated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+
+from ..spec import FreeUSpec, allocate_output
+
+__all__ = ["fused_concat_torch", "twiddle_table", "filter_skip_fft", "write_backbone"]
+
+_TWIDDLES: Dict[Tuple, torch.Tensor] = {}
+
+# Planes whose float32 copy is made at once for the moments of a low-precision input (about 4 MiB).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def twiddle_table(size: int, k0: int, count: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(size, 2 * count) table ``[cos(2 pi k n / size) | sin(2 pi k n / size)]`` for k = k0 .. k0 + count - 1.
+
+    ``k n`` is reduced modulo size in integers before the angle is formed, so the table is exact to the
+    last bit for any plane size. Cached per device and dtype; the cache is read-only after the first call
+    for a shape, which keeps CUDA graph capture free of host-to-device copies.
+    """
+    key = (size, k0, count, device, dtype)
+    table = _TWIDDLES.get(key)
+    if table is None:
+        n = torch.arange(size, dtype=torch.int64)
+        k = torch.arange(k0, k0 + count, dtype=torch.int64)
+        angle = (torch.remainder(n[:, None] * k[None, :], size).to(torch.float64)) * (2 * math.pi / size)
+        table = torch.cat([torch.cos(angle), torch.sin(angle)], dim=1).to(device=device, dtype=dtype)
+        _TWIDDLES[key] = table
+    return table
+
+
+def write_backbone(out_x: torch.Tensor, x: torch.Tensor, b: torch.Tensor, spec: FreeUSpec, scale_map) -> None:
+    """out_x = x with channels [start, stop) scaled by b (v1) or by (b - 1) m^ + 1 (v2, scale_map given).
+
+    The scale is applied in float32 (a float32 0-d b, or the float32 map) and rounded once into out_x.
+    """
+    start, stop = spec.window
+    cx = spec.backbone_channels_total
+    if start > 0:
+        out_x[:, :start].copy_(x[:, :start])
+    if stop < cx:
+        out_x[:, stop:].copy_(x[:, stop:])
+    if stop > start:
+        factor = b if scale_map is None else scale_map.unsqueeze(1)
+        torch.mul(x[:, start:stop], factor, out=out_x[:, start:stop])
+
+
+def _coefficients(planes: torch.Tensor, ey: torch.Tensor, ex: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-plane update coefficients [[Qr, Qi], [Qi, -Qr]], (P, 2ny, 2nx), from float planes (P, H, W)."""
+    moments = (ey.t() @ planes) @ ex  # reduce over y first: the cheapest way to touch each element once
+    ny, nx = ey.shape[1] // 2, ex.shape[1] // 2
+    real = moments[:, :ny, :nx] - moments[:, ny:, nx:]
+    imag = moments[:, ny:, :nx] + moments[:, :ny, nx:]
+    qr, qi = weight * real, weight * imag
+    return torch.cat([torch.cat([qr, qi], dim=2), torch.cat([qi, -qr], dim=2)], dim=1)
+
+
+def _filter_lowrank(h: torch.Tensor, out_h: torch.Tensor, spec: FreeUSpec, s: torch.Tensor) -> None:
+    """out_h = g_hi h + Ey Q Ex^T for every plane (the low-rank filter), h read twice, out_h written once.
+
+    float32/float64 planes are filtered in one pass with ``baddbmm`` writing the output directly. Low
+    precision planes are filtered a chunk at a time: converted into a small float32 workspace, updated
+    in place there, and rounded once into the output, so accuracy is float32's and no full-size
+    temporary is allocated.
+    """
+    band = spec.band
+    compute = torch.float64 if spec.dtype == torch.float64 else torch.float32
+    height, width = spec.height, spec.width
+    ey = twiddle_table(height, band.ky0, band.ny, h.device, compute)
+    ex = twiddle_table(width, band.kx0, band.nx, h.device, compute)
+    weight = band.weight_table(compute).to(h.device) * ((s.to(compute) - spec.high_gain) / spec.plane_size)
+    ext = ex.t()
+    planes = h.reshape(-1, height, width)
+    target = out_h.view(planes.shape) if _is_view_compatible(out_h, planes.shape) else None
+    if h.dtype == compute and target is not None:
+        coeffs = _coefficients(planes, ey, ex, weight)
+        torch.baddbmm(planes, ey @ coeffs, ext.expand(planes.shape[0], -1, -1), beta=spec.high_gain, out=target)
+        return
+    if target is None:
+        target = torch.empty(planes.shape, dtype=h.dtype, device=h.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, height * width))
+    workspace = torch.empty((min(step, planes.shape[0]), height, width), dtype=compute, device=h.device)
+    for begin in range(0, planes.shape[0], step):
+        stop = min(planes.shape[0], begin + step)
+        chunk = workspace[: stop - begin]
+        chunk.copy_(planes[begin:stop])
+        coeffs = _coefficients(chunk, ey, ex, weight)
+        chunk.baddbmm_(ey @ coeffs, ext.expand(stop - begin, -1, -1), beta=spec.high_gain)
+        target[begin:stop].copy_(chunk)
+    if target.data_ptr() != out_h.data_ptr() or not _is_view_compatible(out_h, planes.shape):
+        out_h.copy_(target.view(h.shape))
+
+
+def _is_view_compatible(t: torch.Tensor, shape) -> bool:
+    try:
+        t.view(shape)
+        return True
+    except RuntimeError:
+        return False
+
+
+def filter_skip_fft(h: torch.Tensor, spec: FreeUSpec, s: torch.Tensor) -> torch.Tensor:
+    """The filter through a real FFT, for masks with too many frequencies for the low-rank path.
+
+    Re(ifft2(G X)) = ifft2(G_sym X) with G_sym(k) = (G(k) + G(-k)) / 2, and G_sym is Hermitian, so a
+    half-spectrum rfft2/irfft2 pair with the symmetrised gains is exact for real h.
+    """
+    band = spec.band
+    compute = torch.float64 if spec.dtype == torch.float64 else torch.float32
+    height, width = spec.height, spec.width
+    gains = torch.full((height, width), spec.high_gain, dtype=compute, device=h.device)
+    ky = (torch.arange(band.ky0, band.ky0 + band.ny, device=h.device)) % height
+    kx = (torch.arange(band.kx0, band.kx0 + band.nx, device=h.device)) % width
+    inside = band.weight_table(torch.bool).to(h.device)
+    block = torch.where(inside, s.to(device=h.device, dtype=compute), gains[ky][:, kx])
+    gains[ky[:, None], kx[None, :]] = block
+    mirror_y = (-torch.arange(height, device=h.device)) % height
+    mirror_x = (-torch.arange(width, device=h.device)) % width
+    gains = 0.5 * (gains + gains[mirror_y][:, mirror_x])
+    spectrum = torch.fft.rfft2(h.to(compute)) * gains[:, : width // 2 + 1]
+    return torch.fft.irfft2(spectrum, s=(height, width))
+
+
+def fused_concat_torch(
+    x: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: torch.Tensor, spec: FreeUSpec, scale_map=None
+) -> torch.Tensor:
+    """FreeU at one concat in PyTorch ops, writing straight into the slices of one output tensor.
+
+    ``b`` and ``s`` are 0-d tensors (float32, or float64 for float64 inputs); ``scale_map`` is the v2
+    structure map (None for version 1).
+    """
+    cx = spec.backbone_channels_total
+    out = allocate_output(x, spec.skip_channels)
+    write_backbone(out[:, :cx], x, b, spec, scale_map)
+    out_h = out[:, cx:]
+    if h.numel() == 0:
+        return out
+    if spec.band.empty:
+        torch.mul(h, spec.high_gain, out=out_h)
+    elif spec.uses_fft_fallback:
+        out_h.copy_(filter_skip_fft(h, spec, s))
+    else:
+        _filter_lowrank(h, out_h, spec, s)
+    return out
