@@ -10,6 +10,23 @@ from .spec import Backend, Mask
 
 __version__ = "0.1.0"
 
+# diffusers is an optional extra: its integration is imported on first use of one of these names.
+_DIFFUSERS_NAMES = {"enable_freeu", "disable_freeu", "freeu", "FreeUSchedule"}
+_PRESET_NAMES = {"PRESETS", "get_preset"}
+
+
+def __getattr__(name):
+    if name in _DIFFUSERS_NAMES:
+        from . import diffusers_integration
+
+        return getattr(diffusers_integration, name)
+    if name in _PRESET_NAMES:
+        from . import presets
+
+        return getattr(presets, name)
+    raise AttributeError(f"module 'freeu_kernels' has no attribute {name!r}")
+
+
 __all__ = [
     "Backend",
     "Mask",
@@ -20,4 +37,6 @@ __all__ = [
     "resolve_backend",
     "structure_map",
     "__version__",
+    *sorted(_DIFFUSERS_NAMES),
+    *sorted(_PRESET_NAMES),
 ]
