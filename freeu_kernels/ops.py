@@ -185,8 +185,10 @@ def fused_concat(
         (N, Cx + Ch, ...) tensor in x's dtype and memory format. x and h are not modified. Under
         no_grad / inference_mode nothing is saved for backward; otherwise gradients flow to x and h.
     """
-    b = _as_factor("b", b, x if isinstance(x, torch.Tensor) else torch.empty(0))
-    s = _as_factor("s", s, x if isinstance(x, torch.Tensor) else torch.empty(0))
+    # Validate here too: the op's schema would otherwise reject a wrong type with a less helpful message.
+    make_spec(x, h, threshold, version, backbone_channels, high_gain, mask)
+    b = _as_factor("b", b, x)
+    s = _as_factor("s", s, x)
     return torch.ops.freeu.fused_concat(
         x,
         h,

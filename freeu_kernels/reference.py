@@ -36,6 +36,8 @@ def fourier_filter_reference(
     ``h' = ifftn(ifftshift(X * mask)).real`` cast back to h's dtype. ``scale`` is a float or 0-d tensor.
     """
     mask_kind = Mask(mask)
+    if h.numel() == 0:  # nothing to filter (and some FFT libraries refuse empty transforms)
+        return h.clone()
     compute = _compute_dtype(h.dtype)
     freq = fftshift(fftn(h.to(compute), dim=(-2, -1)), dim=(-2, -1))
     height, width = freq.shape[-2:]
@@ -89,11 +91,12 @@ def fused_concat_reference(
     """
     spec = make_spec(x, h, threshold, version, backbone_channels, high_gain, mask)
     start, stop = spec.window
-    backbone = x.clone()
-    if spec.version == 1:
-        backbone[:, start:stop] = backbone[:, start:stop] * b
-    elif stop > start and x.numel() > 0:
-        scale = (b - 1) * structure_map(x) + 1
-        backbone[:, start:stop] = backbone[:, start:stop] * scale.unsqueeze(1)
+    if spec.version == 1 or stop == start or x.numel() == 0:
+        factor = b
+    else:
+        factor = ((b - 1) * structure_map(x) + 1).unsqueeze(1)
+    # Built out of place (the official code writes into x) so the reference is also differentiable.
+    scaled = (x[:, start:stop] * factor).to(x.dtype)
+    backbone = torch.cat([x[:, :start], scaled, x[:, stop:]], dim=1)
     skip = fourier_filter_reference(h, spec.threshold, s, high_gain=spec.high_gain, mask=spec.mask.value)
     return torch.cat([backbone, skip], dim=1)

@@ -1,0 +1,83 @@
+"""Every FreeU variant (v2 scaling, channel window, high-frequency gain, radial mask, FFT fallback) per backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import BACKENDS, DEVICE, assert_matches_oracle, make_inputs, oracle
+from freeu_kernels import fused_concat, structure_map
+from freeu_kernels.spec import MAX_LOWRANK_FREQUENCIES_PER_AXIS, frequency_band, make_spec, Mask
+
+VARIANTS = {
+    "v2": dict(version=2),
+    "window": dict(backbone_channels=(1, 2)),
+    "v2_window": dict(version=2, backbone_channels=(0, 1)),
+    "high_gain": dict(high_gain=1.15),
+    "radial": dict(mask="radial"),
+    "radial_v2_high_gain": dict(mask="radial", version=2, high_gain=0.9),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("family", ["odd7x5", "5d", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_variant_matches_oracle(backend, variant, family, dtype, poisoned_outputs):
+    options = VARIANTS[variant]
+    x, h = make_inputs(family, dtype, seed=5)
+    for threshold in (1, 3):
+        out = fused_concat(x, h, 1.4, 0.3, threshold=threshold, backend=backend, **options)
+        assert_matches_oracle(out, oracle(x, h, 1.4, 0.3, threshold, **options), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_v2_constant_map_gives_finite_unscaled_backbone(backend):
+    """A constant channel-mean map (official code: 0/0) gives m^ = 0, so the backbone passes unscaled."""
+    x = torch.full((2, 4, 5, 5), 0.7, device=DEVICE)
+    h = torch.randn(2, 3, 5, 5, device=DEVICE)
+    out = fused_concat(x, h, 1.6, 0.5, version=2, backend=backend)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[:, :4], x)
+    assert torch.equal(structure_map(x), torch.zeros(2, 5, 5, device=DEVICE))
+
+
+def test_v2_map_is_per_sample_over_all_frames():
+    """5-D: the min/max of the map run over every frame of one sample, not per frame."""
+    x = torch.randn(2, 3, 4, 5, 6, dtype=torch.float64)
+    m = structure_map(x)
+    assert m.shape == (2, 4, 5, 6)
+    for n in range(2):
+        assert m[n].min().item() == 0.0 and m[n].max().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_masks_take_the_fft_path_and_stay_exact(backend):
+    """Past MAX_LOWRANK_FREQUENCIES_PER_AXIS the op routes to the FFT path; results still match the oracle."""
+    x = torch.randn(1, 2, 40, 36, device=DEVICE)
+    h = torch.randn(1, 2, 40, 36, device=DEVICE)
+    threshold = MAX_LOWRANK_FREQUENCIES_PER_AXIS // 2 + 2
+    for mask in ("box", "radial"):
+        spec = make_spec(x, h, threshold, mask=mask)
+        assert spec.uses_fft_fallback
+        out = fused_concat(x, h, 1.2, 0.4, threshold=threshold, mask=mask, high_gain=1.1, backend=backend)
+        assert_matches_oracle(out, oracle(x, h, 1.2, 0.4, threshold, mask=mask, high_gain=1.1), torch.float32)
+
+
+def test_box_band_follows_python_slices():
+    """The box's frequency range is exactly what the reference's slice selects, clamped and wrapped."""
+    for size in (1, 2, 3, 7, 8):
+        for t in range(0, 12):
+            rows = range(size)[size // 2 - t : size // 2 + t]
+            band = frequency_band(size, size, t, Mask.BOX)
+            assert band.ny == len(rows)
+            if len(rows):
+                assert band.ky0 == rows.start - size // 2
+
+
+def test_radial_band_counts_the_disc():
+    band = frequency_band(64, 64, 3, Mask.RADIAL)
+    assert (band.ky0, band.ny) == (-2, 5)
+    assert int(band.weight_table().sum()) == sum(
+        1 for dy in range(-2, 3) for dx in range(-2, 3) if dy * dy + dx * dx < 9
+    )
