@@ -81,10 +81,10 @@ def _coefficients(planes: torch.Tensor, ey: torch.Tensor, ex: torch.Tensor, weig
 def _filter_lowrank(h: torch.Tensor, out_h: torch.Tensor, spec: FreeUSpec, s: torch.Tensor) -> None:
     """out_h = g_hi h + Ey Q Ex^T for every plane (the low-rank filter), h read twice, out_h written once.
 
-    float32/float64 planes are filtered in one pass with ``baddbmm`` writing the output directly. Low
-    precision planes are filtered a chunk at a time: converted into a small float32 workspace, updated
-    in place there, and rounded once into the output, so accuracy is float32's and no full-size
-    temporary is allocated.
+    Works one sample at a time (a sample's planes are one strided block of the output). float32/float64
+    planes are filtered with one ``baddbmm`` writing the output directly. Low-precision planes are
+    filtered a chunk at a time: converted into a small float32 workspace, updated in place there and
+    rounded once into the output, so accuracy is float32's and no full-size temporary is allocated.
     """
     band = spec.band
     compute = torch.float64 if spec.dtype == torch.float64 else torch.float32
@@ -93,28 +93,37 @@ def _filter_lowrank(h: torch.Tensor, out_h: torch.Tensor, spec: FreeUSpec, s: to
     ex = twiddle_table(width, band.kx0, band.nx, h.device, compute)
     weight = band.weight_table(compute).to(h.device) * ((s.to(compute) - spec.high_gain) / spec.plane_size)
     ext = ex.t()
-    planes = h.reshape(-1, height, width)
-    target = out_h.view(planes.shape) if _is_view_compatible(out_h, planes.shape) else None
-    if h.dtype == compute and target is not None:
-        coeffs = _coefficients(planes, ey, ex, weight)
-        torch.baddbmm(planes, ey @ coeffs, ext.expand(planes.shape[0], -1, -1), beta=spec.high_gain, out=target)
-        return
-    if target is None:
-        target = torch.empty(planes.shape, dtype=h.dtype, device=h.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, height * width))
-    workspace = torch.empty((min(step, planes.shape[0]), height, width), dtype=compute, device=h.device)
-    for begin in range(0, planes.shape[0], step):
-        stop = min(planes.shape[0], begin + step)
-        chunk = workspace[: stop - begin]
-        chunk.copy_(planes[begin:stop])
-        coeffs = _coefficients(chunk, ey, ex, weight)
-        chunk.baddbmm_(ey @ coeffs, ext.expand(stop - begin, -1, -1), beta=spec.high_gain)
-        target[begin:stop].copy_(chunk)
-    if target.data_ptr() != out_h.data_ptr() or not _is_view_compatible(out_h, planes.shape):
-        out_h.copy_(target.view(h.shape))
+    direct = h.dtype == compute
+    step = spec.skip_channels * spec.frames if direct else max(1, _CHUNK_ELEMENTS // max(1, height * width))
+    workspace = None
+    for n in range(spec.batch):
+        planes = h[n].reshape(-1, height, width)
+        sample_out = out_h[n]
+        viewable = _is_view_compatible(sample_out, planes.shape)
+        # A layout whose planes can't be viewed flat (channels_last_3d) is filled through one temporary.
+        target = sample_out.view(planes.shape) if viewable else torch.empty(planes.shape, dtype=h.dtype,
+                                                                             device=h.device)
+        for begin in range(0, planes.shape[0], step):
+            src = planes[begin : begin + step]
+            dst = target[begin : begin + step]
+            if direct:
+                coeffs = _coefficients(src, ey, ex, weight)
+                torch.baddbmm(src, ey @ coeffs, ext.expand(src.shape[0], -1, -1), beta=spec.high_gain, out=dst)
+                continue
+            if workspace is None:
+                workspace = torch.empty((min(step, planes.shape[0]),) + planes.shape[1:], dtype=compute,
+                                        device=h.device)
+            chunk = workspace[: src.shape[0]]
+            chunk.copy_(src)
+            coeffs = _coefficients(chunk, ey, ex, weight)
+            chunk.baddbmm_(ey @ coeffs, ext.expand(src.shape[0], -1, -1), beta=spec.high_gain)
+            dst.copy_(chunk)
+        if not viewable:
+            sample_out.copy_(target.view(sample_out.shape))
 
 
 def _is_view_compatible(t: torch.Tensor, shape) -> bool:
+    """Whether t can be viewed (no copy) with this shape."""
     try:
         t.view(shape)
         return True

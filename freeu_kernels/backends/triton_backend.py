@@ -53,6 +53,22 @@ def _twiddle(k, pos, size):
 
 
 @triton.jit
+def _round_to_output(value, out_dtype: tl.constexpr):
+    """float32 -> output dtype, rounding to nearest even.
+
+    bfloat16 is rounded by hand in integers (the upper 16 bits of a float32, with round-half-even
+    on the lower 16) because Triton's interpreter truncates that conversion; the GPU's own conversion
+    gives the same bits. NaN is kept NaN.
+    """
+    if out_dtype == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        as_bf16 = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(value != value, value.to(tl.bfloat16), as_bf16)
+    return value.to(out_dtype)
+
+
+@triton.jit
 def _load_tile(x_ptr, h_ptr, x_base, h_base, is_skip, plane_ok, rows, cols, H, W,
                sxh, sxw, shh, shw):
     """One (BLOCK_P, BLOCK_H, BLOCK_W) tile of input planes in float32, 0 outside the planes."""
@@ -184,7 +200,7 @@ def _fused_concat_kernel(
                                         BLOCK_P, BLOCK_H, BLOCK_W)
         result = tl.where(is_skip[:, None, None] != 0, filtered, v * scale)
         o_off = o_base[:, None, None] + y * soh + x * sow
-        tl.store(out_ptr + o_off, result.to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(out_ptr + o_off, _round_to_output(result, out_ptr.dtype.element_ty), mask=inside)
 
 
 def _logical_strides(t: torch.Tensor):
@@ -195,11 +211,12 @@ def _logical_strides(t: torch.Tensor):
     return sn, sc, 0, sh, sw
 
 
-def launch_config(spec: FreeUSpec, planes_contiguous: bool):
+def launch_config(spec: FreeUSpec, planes_contiguous: bool, min_programs: int = 512):
     """Tile shape for one call: (BLOCK_P, BLOCK_H, BLOCK_W, NUM_CHUNKS, num_warps).
 
     Planes that fit the tile are done in one sweep, several per program when small (8x8 SD1.5 planes)
-    while leaving enough programs to fill the GPU. Larger planes are cut in row chunks. When planes are
+    while leaving ``min_programs`` programs to fill the GPU (the interpreter, which pays per program,
+    asks for 1). Larger planes are cut in row chunks. When planes are
     adjacent in memory (channels_last: the plane axis has stride 1) a program takes 16 planes so its
     loads are coalesced along channels.
     """
@@ -210,8 +227,7 @@ def launch_config(spec: FreeUSpec, planes_contiguous: bool):
     if block_h_full * block_w * min_planes <= _TILE_ELEMENTS:
         block_h, chunks = block_h_full, 1
         fit = _TILE_ELEMENTS // (block_h * block_w)
-        # Keep at least ~512 programs when there are that many planes to share out.
-        block_p = max(min_planes, min(fit, triton.next_power_of_2(max(1, n_planes // 512))))
+        block_p = max(min_planes, min(fit, triton.next_power_of_2(max(1, n_planes // min_programs))))
         block_p = min(block_p, fit)
     else:
         block_p = min_planes
@@ -238,7 +254,8 @@ def fused_concat_triton(x, h, b, s, spec: FreeUSpec, scale_map=None) -> torch.Te
     else:
         b_val, s_val = float(b.item()), float(s.item())  # CPU scalars: read on the host, no device sync
     planes_contiguous = _logical_strides(x)[1] == 1 and _logical_strides(out)[1] == 1
-    block_p, block_h, block_w, chunks, num_warps = launch_config(spec, planes_contiguous)
+    min_programs = 1 if x.device.type == "cpu" else 512  # CPU tensors only run under the interpreter
+    block_p, block_h, block_w, chunks, num_warps = launch_config(spec, planes_contiguous, min_programs)
     scale_map = scale_map.to(device=x.device, dtype=torch.float32).contiguous() if scale_map is not None else None
     grid = (triton.cdiv(n_planes, block_p),)
     _fused_concat_kernel[grid](
