@@ -169,38 +169,53 @@ def _fused_concat_kernel(
     mom_r = tl.zeros((BLOCK_P, NF), dtype=tl.float32)
     mom_i = tl.zeros((BLOCK_P, NF), dtype=tl.float32)
 
-    # Sweep 1: the moments. With one chunk the tile stays in registers for sweep 2.
-    v, inside = _load_tile(x_ptr, h_ptr, x_base, h_base, is_skip, plane_ok, rows0, cols, H, W,
-                           sxh, sxw, shh, shw)
-    if NY * NX > 0:
-        mom_r, mom_i = _accumulate_moments(v, rows0, cols, H, W, mom_r, mom_i, fidx, KY0, KX0, NY, NX)
-        for chunk in tl.static_range(1, NUM_CHUNKS):
-            rows = rows0 + chunk * BLOCK_H
-            vc, _ = _load_tile(x_ptr, h_ptr, x_base, h_base, is_skip, plane_ok, rows, cols, H, W,
+    if NUM_CHUNKS == 1:
+        # The plane tile fits on chip: read once, reduce, update, write.
+        v, inside = _load_tile(x_ptr, h_ptr, x_base, h_base, is_skip, plane_ok, rows0, cols, H, W,
                                sxh, sxw, shh, shw)
-            mom_r, mom_i = _accumulate_moments(vc, rows, cols, H, W, mom_r, mom_i, fidx, KY0, KX0, NY, NX)
-
-    # Sweep 2: scale or filter, and store at the output channel.
-    for chunk in tl.static_range(NUM_CHUNKS):
-        rows = rows0 + chunk * BLOCK_H
-        if chunk > 0:
+        if NY * NX > 0:
+            mom_r, mom_i = _accumulate_moments(v, rows0, cols, H, W, mom_r, mom_i, fidx, KY0, KX0, NY, NX)
+        _finish_tile(v, inside, rows0, cols, out_ptr, map_ptr, o_base, n, f, F, H, W, soh, sow, is_skip,
+                     in_window, b, g_hi, mom_r, mom_i, fidx, gain_delta, KY0_SIGNED, KX0_SIGNED, RADIUS_SQ,
+                     KY0, KX0, NY, NX, RADIAL, HAS_MAP, BLOCK_P, BLOCK_H, BLOCK_W)
+    else:
+        # Large planes: sweep 1 takes the moments over row chunks, sweep 2 reads again (from L2) and writes.
+        if NY * NX > 0:
+            for chunk in range(NUM_CHUNKS):
+                rows = rows0 + chunk * BLOCK_H
+                v, _ = _load_tile(x_ptr, h_ptr, x_base, h_base, is_skip, plane_ok, rows, cols, H, W,
+                                  sxh, sxw, shh, shw)
+                mom_r, mom_i = _accumulate_moments(v, rows, cols, H, W, mom_r, mom_i, fidx, KY0, KX0, NY, NX)
+        for chunk in range(NUM_CHUNKS):
+            rows = rows0 + chunk * BLOCK_H
             v, inside = _load_tile(x_ptr, h_ptr, x_base, h_base, is_skip, plane_ok, rows, cols, H, W,
                                    sxh, sxw, shh, shw)
-        y = rows[None, :, None]
-        x = cols[None, None, :]
-        if HAS_MAP:
-            map_off = (n * F + f)[:, None, None] * (H * W) + y * W + x
-            scale = tl.load(map_ptr + map_off, mask=inside & in_window[:, None, None], other=1.0)
-        else:
-            scale = tl.where(in_window, b, 1.0)[:, None, None]
-        filtered = g_hi * v
-        if NY * NX > 0:
-            filtered += _lowrank_update(rows, cols, H, W, mom_r, mom_i, fidx, gain_delta,
-                                        KY0_SIGNED, KX0_SIGNED, RADIUS_SQ, KY0, KX0, NY, NX, RADIAL,
-                                        BLOCK_P, BLOCK_H, BLOCK_W)
-        result = tl.where(is_skip[:, None, None] != 0, filtered, v * scale)
-        o_off = o_base[:, None, None] + y * soh + x * sow
-        tl.store(out_ptr + o_off, _round_to_output(result, out_ptr.dtype.element_ty), mask=inside)
+            _finish_tile(v, inside, rows, cols, out_ptr, map_ptr, o_base, n, f, F, H, W, soh, sow, is_skip,
+                         in_window, b, g_hi, mom_r, mom_i, fidx, gain_delta, KY0_SIGNED, KX0_SIGNED, RADIUS_SQ,
+                         KY0, KX0, NY, NX, RADIAL, HAS_MAP, BLOCK_P, BLOCK_H, BLOCK_W)
+
+
+@triton.jit
+def _finish_tile(v, inside, rows, cols, out_ptr, map_ptr, o_base, n, f, F, H, W, soh, sow, is_skip,
+                 in_window, b, g_hi, mom_r, mom_i, fidx, gain_delta, KY0_SIGNED, KX0_SIGNED, RADIUS_SQ,
+                 KY0, KX0, NY: tl.constexpr, NX: tl.constexpr, RADIAL: tl.constexpr, HAS_MAP: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Scale (backbone planes) or filter (skip planes) one tile and store it at its output channel."""
+    y = rows[None, :, None]
+    x = cols[None, None, :]
+    if HAS_MAP:
+        map_off = (n * F + f)[:, None, None] * (H * W) + y * W + x
+        scale = tl.load(map_ptr + map_off, mask=inside & in_window[:, None, None], other=1.0)
+    else:
+        scale = tl.where(in_window, b, 1.0)[:, None, None]
+    filtered = g_hi * v
+    if NY * NX > 0:
+        filtered += _lowrank_update(rows, cols, H, W, mom_r, mom_i, fidx, gain_delta,
+                                    KY0_SIGNED, KX0_SIGNED, RADIUS_SQ, KY0, KX0, NY, NX, RADIAL,
+                                    BLOCK_P, BLOCK_H, BLOCK_W)
+    result = tl.where(is_skip[:, None, None] != 0, filtered, v * scale)
+    o_off = o_base[:, None, None] + y * soh + x * sow
+    tl.store(out_ptr + o_off, _round_to_output(result, out_ptr.dtype.element_ty), mask=inside)
 
 
 def _logical_strides(t: torch.Tensor):
