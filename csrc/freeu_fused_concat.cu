@@ -1,0 +1,964 @@
+// freeu_kernels CUDA backend: FreeU's backbone scaling, low-rank Fourier skip filter and concat in ONE launch.
+//
+// See csrc/README.md for the design; the math, per (n, c[, f]) skip plane h of size H x W:
+//
+//   h'[y,x] = g_hi h[y,x] + sum_{j<nx} ( Uc_j[y] cos(bx_j) + Us_j[y] sin(bx_j) ),  bx_j = 2 pi ((kx0+j) x mod W) / W
+//   ay_i    = 2 pi ((ky0+i) y mod H) / H
+//   Cr_j[y] = sum_x h cos(bx_j),  Sr_j[y] = sum_x h sin(bx_j)                       (row sums, "phase B")
+//   R_ij    = sum_y Cr_j cos(ay_i) - Sr_j sin(ay_i)   = sum h cos(ay_i + bx_j)       (column sums, "phase C")
+//   I_ij    = sum_y Sr_j cos(ay_i) + Cr_j sin(ay_i)   = sum h sin(ay_i + bx_j)
+//   Q_ij    = w_ij (R_ij, I_ij),  w_ij = (s - g_hi) / (H W) inside the mask, else 0
+//   Uc_j[y] = sum_i Qr_ij cos(ay_i) + Qi_ij sin(ay_i),  Us_j[y] = sum_i Qi_ij cos(ay_i) - Qr_ij sin(ay_i)   ("phase D")
+//
+// because Re(X(k) e^{i(a+b)}) = R cos(a+b) + I sin(a+b) = cos b (R cos a + I sin a) + sin b (I cos a - R sin a)
+// with X(k) = R - iI. Everything is accumulated in float32; twiddles come from integer residues
+// r = (k n) mod N (exact) and sincospif(2 r / N), so no angle ever grows with the plane size.
+//
+// Only CUDA headers are included: this file builds without torch, for any torch and Python version.
+
+#ifdef FREEU_EMULATE
+#include "emulate/cuda_emu.h"  // CPU execution of this same source for GPU-less tests (csrc/emulate/)
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+#include <stdint.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "freeu_fused_concat.h"
+
+namespace {
+
+constexpr int kThreads = 256;           // every block; __launch_bounds__ keeps registers <= 128 (2 blocks/SM)
+constexpr int kMaxAxisFreq = 16;        // spec.MAX_LOWRANK_FREQUENCIES_PER_AXIS
+constexpr int kJChunk = 4;              // x-frequencies accumulated per pass of the row sums (registers)
+constexpr int kUnroll = 4;              // 16-byte vectors in flight per thread in the streaming loops
+constexpr int64_t kSmemBudget = 48 * 1024;   // dynamic shared memory without an opt-in attribute call
+constexpr int64_t kTableMaxEntries = 3072;   // H + W twiddle entries kept in shared memory (24 KiB)
+constexpr int64_t kRowSumCap = 2048;         // float2 row sums per tile in the two-sweep path (16 KiB)
+constexpr int64_t kMaxAxis = int64_t(1) << 30;  // H, W bound: every in-tile index fits 32-bit arithmetic
+
+// ------------------------------------------------------------------------------------------------
+// Parameters (computed on the host by plan(), read from the kernel's constant parameter space).
+// ------------------------------------------------------------------------------------------------
+
+// One role of the launch: "backbone" (x -> out[:, :Cx]) or "skip" (h -> out[:, Cx:]).
+// Its planes (n, c, f) are cut into groups of G planes; a task is one group x one chunk of rows.
+struct RoleParams {
+    const void* src;
+    void* dst;
+    int64_t ss[5];        // src element strides N, C, F, H, W
+    int64_t ds[5];        // dst element strides
+    int64_t channels;     // C of this role
+    int64_t planes;       // N * C * F
+    int64_t groups;       // number of plane groups
+    int64_t cgroups;      // channels-last: groups per (n, f) = ceil(C / G)
+    int64_t row_chunks;   // tasks per group (elementwise roles; 1 for the filter)
+    int64_t tasks;        // groups * row_chunks
+    int32_t G;            // planes per group
+    int32_t rows;         // rows per task (elementwise), H for the filter
+    int32_t vec;          // 1: 16-byte vectors along the contiguous axis
+    int32_t pad_;
+};
+
+struct Factor {           // b or s: read from device memory at run time (graph-replay safe) or by value
+    const void* ptr;
+    int32_t is_f64;
+    float value;
+};
+
+struct KernelParams {
+    RoleParams bb, sk;
+    int64_t N, F, H, W;
+    const float* map;     // version 2 scale map
+    int64_t ms[4];        // its strides N, F, H, W
+    int64_t win0, win1;
+    Factor b, s;
+    float high_gain;
+    int32_t version;
+    int32_t cl;           // channels-last enumeration: channel (plane in group) fastest
+    int32_t filter;       // 0: the skip role is the plain product g_hi * h (empty band)
+    int32_t ky0, ny, kx0, nx;
+    int32_t radial;
+    int32_t on_chip;      // 1: the group's planes are staged in shared memory (one sweep of global memory)
+    int32_t pitch;        // on chip: elements between two planes in shared memory
+    int32_t tile_rows;    // rows per reduction tile (H on chip)
+    int32_t use_tab;      // twiddles from shared tables (else sincospif on the fly)
+    int32_t lanes_row;    // lanes cooperating on one row sum (power of two <= 32)
+    int32_t lanes_col;    // lanes cooperating on one column sum
+    int64_t radius_sq;
+    int32_t off_tx, off_ty, off_ri, off_rs, off_plane;  // shared-memory layout of the filter, bytes
+    int32_t smem_bytes;
+};
+
+// Per-plane addressing, built once per task in shared memory so the hot loops do no (n, c, f) division.
+struct PlaneInfo {
+    int64_t src;          // element offset of (y, x) = (0, 0) in src
+    int64_t dst;
+    int64_t map;          // element offset of the plane's scale-map slice, -1: use `scale`
+    float scale;
+    int32_t pad_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Small device helpers.
+// ------------------------------------------------------------------------------------------------
+
+template <typename T> struct Cvt;
+template <> struct Cvt<float> {
+    static __device__ __forceinline__ float in(float v) { return v; }
+    static __device__ __forceinline__ float out(float v) { return v; }
+};
+template <> struct Cvt<__half> {
+    static __device__ __forceinline__ float in(__half v) { return __half2float(v); }
+    static __device__ __forceinline__ __half out(float v) { return __float2half_rn(v); }
+};
+template <> struct Cvt<__nv_bfloat16> {
+    static __device__ __forceinline__ float in(__nv_bfloat16 v) { return __bfloat162float(v); }
+    static __device__ __forceinline__ __nv_bfloat16 out(float v) { return __float2bfloat16_rn(v); }
+};
+
+// V elements moved as one access: 16 bytes (LDG.128 / STG.128) when V * sizeof(T) == 16, else V = 1.
+template <typename T, int V> struct alignas(sizeof(T) * V) Pack {
+    T e[V];
+};
+
+__device__ __forceinline__ uint32_t addmod(uint32_t r, uint32_t d, uint32_t n) {
+    // r, d < n <= 2^30: the sum cannot wrap, one conditional subtraction reduces it.
+    r += d;
+    return r >= n ? r - n : r;
+}
+
+__device__ __forceinline__ uint32_t mulmod(uint32_t a, uint32_t b, uint32_t n) {
+    // a, b < n. 32-bit when the product fits (planes up to 65535 wide), else 64-bit.
+    if (n <= 65536u) return (a * b) % n;
+    return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) % n);
+}
+
+__device__ __forceinline__ uint32_t posmod(int64_t k, int64_t n) {
+    int64_t r = k % n;
+    return static_cast<uint32_t>(r < 0 ? r + n : r);
+}
+
+// (cos, sin)(2 pi r / n) for an exact residue r < n. 2r and n are exact in float up to 2^24, the quotient
+// is rounded once, and sincospif has no argument reduction error, so the result is within ~2 ulp.
+__device__ __forceinline__ float2 twiddle_direct(uint32_t r, uint32_t n) {
+    float s, c;
+    sincospif(__fdiv_rn(2.0f * static_cast<float>(r), static_cast<float>(n)), &s, &c);
+    return make_float2(c, s);
+}
+
+__device__ __forceinline__ float2 twiddle(const float2* tab, bool use_tab, uint32_t r, uint32_t n) {
+    return use_tab ? tab[r] : twiddle_direct(r, n);
+}
+
+__device__ __forceinline__ float read_factor(const Factor& f) {
+    if (f.ptr == nullptr) return f.value;
+    return f.is_f64 ? static_cast<float>(*static_cast<const double*>(f.ptr)) : *static_cast<const float*>(f.ptr);
+}
+
+__device__ __forceinline__ float lane_group_sum(float v, int lanes) {
+    // Butterfly over an aligned group of `lanes` lanes (power of two); every lane of the warp executes it.
+    for (int off = lanes >> 1; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+struct Coord {
+    int g;                // plane within the group
+    uint32_t y, x;        // y is absolute (tile start added)
+};
+
+// Element L of a task's tile (G_eff planes x `rows` rows starting at y_lo), in memory order:
+// planar layouts walk x fastest, channels-last walks the plane (channel) fastest.
+__device__ __forceinline__ Coord tile_coord(bool cl, uint32_t L, int g_eff, uint32_t rows, uint32_t W, uint32_t y_lo) {
+    uint32_t pos;
+    int g;
+    if (cl) {
+        pos = L / static_cast<uint32_t>(g_eff);
+        g = static_cast<int>(L - pos * static_cast<uint32_t>(g_eff));
+    } else {
+        const uint32_t area = rows * W;
+        g = static_cast<int>(L / area);
+        pos = L - static_cast<uint32_t>(g) * area;
+    }
+    const uint32_t yy = pos / W;
+    return Coord{g, y_lo + yy, pos - yy * W};
+}
+
+// Plane count of a group, and (n, c, f) of its g-th plane.
+__device__ __forceinline__ int group_size(const KernelParams& p, const RoleParams& r, int64_t group) {
+    if (p.cl) {
+        const int64_t c0 = (group % r.cgroups) * r.G;
+        return static_cast<int>(min(static_cast<int64_t>(r.G), r.channels - c0));
+    }
+    return static_cast<int>(min(static_cast<int64_t>(r.G), r.planes - group * r.G));
+}
+
+__device__ __forceinline__ void plane_ncf(const KernelParams& p, const RoleParams& r, int64_t group, int g,
+                                          int64_t& n, int64_t& c, int64_t& f) {
+    if (p.cl) {  // planes ordered (n, f, c): a group is a run of channels of one (n, f)
+        const int64_t nf = group / r.cgroups;
+        c = (group % r.cgroups) * r.G + g;
+        n = nf / p.F;
+        f = nf - n * p.F;
+    } else {     // planes ordered (n, c, f)
+        const int64_t plane = group * r.G + g;
+        const int64_t q = plane / p.F;
+        f = plane - q * p.F;
+        n = q / r.channels;
+        c = q - n * r.channels;
+    }
+}
+
+// Fills info[0, g_eff) for this group. role: 0 backbone (window scale), 1 skip elementwise (g_hi), 2 filter.
+__device__ void fill_plane_info(const KernelParams& p, const RoleParams& r, int role, int64_t group, int g_eff,
+                                PlaneInfo* info) {
+    for (int g = threadIdx.x; g < g_eff; g += kThreads) {
+        int64_t n, c, f;
+        plane_ncf(p, r, group, g, n, c, f);
+        PlaneInfo pi;
+        pi.src = n * r.ss[0] + c * r.ss[1] + f * r.ss[2];
+        pi.dst = n * r.ds[0] + c * r.ds[1] + f * r.ds[2];
+        pi.map = -1;
+        pi.scale = 1.0f;
+        pi.pad_ = 0;
+        if (role == 0 && c >= p.win0 && c < p.win1) {
+            if (p.version == 2) pi.map = n * p.ms[0] + f * p.ms[1];
+            else pi.scale = read_factor(p.b);
+        } else if (role == 1) {
+            pi.scale = p.high_gain;
+        }
+        info[g] = pi;
+    }
+}
+
+// Issues the loads of up to kUnroll vectors v0 + u * kThreads of a tile before any is used (memory-level
+// parallelism: kUnroll independent 16-byte requests in flight per thread).
+template <typename T, int V>
+__device__ __forceinline__ void load_vectors(const RoleParams& r, const PlaneInfo* info, bool cl, uint32_t v0,
+                                             uint32_t nvec, int g_eff, uint32_t rows, uint32_t W, uint32_t y_lo,
+                                             Pack<T, V> (&in)[kUnroll], Coord (&co)[kUnroll]) {
+    const T* __restrict__ src = static_cast<const T*>(r.src);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+        const uint32_t v = v0 + u * kThreads;
+        if (v < nvec) {
+            co[u] = tile_coord(cl, v * V, g_eff, rows, W, y_lo);
+            in[u] = *reinterpret_cast<const Pack<T, V>*>(src + info[co[u].g].src + co[u].y * r.ss[3] +
+                                                         co[u].x * r.ss[4]);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Elementwise roles: backbone (x * window scale) and, for an empty band, skip (g_hi * h).
+// ------------------------------------------------------------------------------------------------
+
+template <typename T, int V>
+__device__ void elementwise_tile(const KernelParams& p, const RoleParams& r, const PlaneInfo* info, int g_eff,
+                                 uint32_t y_lo, uint32_t rows) {
+    T* __restrict__ dst = static_cast<T*>(r.dst);
+    const uint32_t W = static_cast<uint32_t>(p.W);
+    const uint32_t nvec = static_cast<uint32_t>(g_eff) * rows * W / V;
+    const bool cl = p.cl != 0;
+    for (uint32_t v0 = threadIdx.x; v0 < nvec; v0 += kThreads * kUnroll) {
+        Pack<T, V> in[kUnroll];
+        Coord co[kUnroll];
+        load_vectors<T, V>(r, info, cl, v0, nvec, g_eff, rows, W, y_lo, in, co);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const uint32_t v = v0 + u * kThreads;
+            if (v < nvec) {
+                Pack<T, V> o;
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    // planar vectors run along x (one plane), channels-last vectors along the planes.
+                    const int g = cl ? co[u].g + e : co[u].g;
+                    const uint32_t x = cl ? co[u].x : co[u].x + e;
+                    const PlaneInfo& pi = info[g];
+                    const float scale = pi.map >= 0 ? p.map[pi.map + co[u].y * p.ms[2] + x * p.ms[3]] : pi.scale;
+                    o.e[e] = Cvt<T>::out(Cvt<T>::in(in[u].e[e]) * scale);
+                }
+                const int64_t off = info[co[u].g].dst + co[u].y * r.ds[3] + co[u].x * r.ds[4];
+                *reinterpret_cast<Pack<T, V>*>(dst + off) = o;
+            }
+        }
+    }
+}
+
+template <typename T>
+__device__ void elementwise_task(const KernelParams& p, const RoleParams& r, int role, int64_t task,
+                                 unsigned char* smem) {
+    PlaneInfo* info = reinterpret_cast<PlaneInfo*>(smem);
+    const int64_t group = task / r.row_chunks;
+    const int64_t chunk = task - group * r.row_chunks;
+    const int g_eff = group_size(p, r, group);
+    const uint32_t y_lo = static_cast<uint32_t>(chunk * r.rows);
+    const uint32_t rows = static_cast<uint32_t>(min(static_cast<int64_t>(r.rows), p.H - y_lo));
+    fill_plane_info(p, r, role, group, g_eff, info);
+    __syncthreads();
+    constexpr int V = 16 / sizeof(T);
+    if (r.vec) elementwise_tile<T, V>(p, r, info, g_eff, y_lo, rows);
+    else elementwise_tile<T, 1>(p, r, info, g_eff, y_lo, rows);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The skip filter: one block per group of planes.
+// ------------------------------------------------------------------------------------------------
+
+struct FilterSmem {
+    PlaneInfo* info;
+    float2* tx;           // (cos, sin)(2 pi r / W), r < W
+    float2* ty;           // (cos, sin)(2 pi r / H), r < H
+    float2* ri;           // [g][i][j] weighted (R, I), accumulated over row tiles
+    float2* rs;           // [g][row in tile][j] row sums (Cr, Sr), later (Uc, Us)
+    void* plane;          // on chip: [g][y][x] native dtype, `pitch` elements per plane
+};
+
+// On chip: copy the group's planes from global to shared memory in their native dtype (16-byte vectors
+// when the layout allows). Channels-last tiles are walked channel-fastest, so global reads coalesce.
+template <typename T, int V>
+__device__ void stage_planes(const KernelParams& p, const FilterSmem& sm, int g_eff) {
+    T* plane = static_cast<T*>(sm.plane);
+    const uint32_t H = static_cast<uint32_t>(p.H), W = static_cast<uint32_t>(p.W);
+    const uint32_t nvec = static_cast<uint32_t>(g_eff) * H * W / V;
+    const bool cl = p.cl != 0;
+    for (uint32_t v0 = threadIdx.x; v0 < nvec; v0 += kThreads * kUnroll) {
+        Pack<T, V> in[kUnroll];
+        Coord co[kUnroll];
+        load_vectors<T, V>(p.sk, sm.info, cl, v0, nvec, g_eff, H, W, 0u, in, co);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const uint32_t v = v0 + u * kThreads;
+            if (v < nvec) {
+                const uint32_t at = static_cast<uint32_t>(co[u].g) * p.pitch + co[u].y * W + co[u].x;
+                if (cl) {
+#pragma unroll
+                    for (int e = 0; e < V; ++e) plane[at + e * p.pitch] = in[u].e[e];
+                } else {
+                    *reinterpret_cast<Pack<T, V>*>(plane + at) = in[u];  // pitch, W multiples of V: aligned
+                }
+            }
+        }
+    }
+}
+
+// Phase B: row sums Cr_j[y], Sr_j[y] of rows [y_lo, y_lo + rows) of every plane of the group.
+// A group of `lanes_row` lanes owns a row: each lane walks its chunks of V elements (x = (sub + m L) V + e),
+// keeps kJChunk (cos, sin) accumulators, and the group reduces them with shuffles. Twiddle residues are
+// advanced by additions only: r(x + 1) = r(x) + k, r_{j+1}(x) = r_j(x) + x (mod W).
+template <typename T, int V, bool ON_CHIP>
+__device__ void row_sums(const KernelParams& p, const FilterSmem& sm, int g_eff, uint32_t y_lo, uint32_t rows) {
+    const RoleParams& r = p.sk;
+    const uint32_t W = static_cast<uint32_t>(p.W);
+    const int L = p.lanes_row;
+    const int sub = threadIdx.x & (L - 1);
+    const int n_groups = kThreads / L;
+    const int group_id = threadIdx.x / L;
+    const uint32_t items = static_cast<uint32_t>(g_eff) * rows;
+    const uint32_t iters = (items + n_groups - 1) / n_groups;  // block-uniform: shuffles stay converged
+    const T* __restrict__ src = static_cast<const T*>(r.src);
+    const T* plane = static_cast<const T*>(sm.plane);
+    const bool use_tab = p.use_tab != 0;
+    const uint32_t x_first = static_cast<uint32_t>(sub) * V;
+    const uint32_t x_step = static_cast<uint32_t>(L) * V;
+    for (int j0 = 0; j0 < p.nx; j0 += kJChunk) {
+        const uint32_t kc = posmod(static_cast<int64_t>(p.kx0) + j0, W);  // k of the chunk's first frequency
+        const uint32_t r_first = x_first < W ? mulmod(kc, x_first, W) : 0u;
+        const uint32_t r_step = mulmod(kc, x_step % W, W);
+        for (uint32_t it = 0; it < iters; ++it) {
+            const uint32_t item = group_id + it * n_groups;
+            const bool valid = item < items;
+            float c[kJChunk], s[kJChunk];
+#pragma unroll
+            for (int jj = 0; jj < kJChunk; ++jj) c[jj] = s[jj] = 0.0f;
+            const int g = valid ? static_cast<int>(item / rows) : 0;
+            const uint32_t yy = valid ? item - static_cast<uint32_t>(g) * rows : 0u;
+            if (valid) {
+                const uint32_t y = y_lo + yy;
+                uint32_t rb = r_first;  // (kc * x) mod W at the chunk's first element
+                for (uint32_t x0 = x_first; x0 < W; x0 += x_step) {
+                    float hv[V];
+                    if (ON_CHIP) {
+                        hv[0] = Cvt<T>::in(plane[static_cast<uint32_t>(g) * p.pitch + y * W + x0]);
+                    } else {
+                        const Pack<T, V> pk =
+                            *reinterpret_cast<const Pack<T, V>*>(src + sm.info[g].src + y * r.ss[3] + x0 * r.ss[4]);
+#pragma unroll
+                        for (int e = 0; e < V; ++e) hv[e] = Cvt<T>::in(pk.e[e]);
+                    }
+                    uint32_t re = rb;
+#pragma unroll
+                    for (int e = 0; e < V; ++e) {
+                        const uint32_t x = x0 + e;
+                        uint32_t rj = re;
+#pragma unroll
+                        for (int jj = 0; jj < kJChunk; ++jj) {
+                            if (j0 + jj < p.nx) {
+                                const float2 t = twiddle(sm.tx, use_tab, rj, W);
+                                c[jj] = fmaf(hv[e], t.x, c[jj]);
+                                s[jj] = fmaf(hv[e], t.y, s[jj]);
+                                rj = addmod(rj, x, W);
+                            }
+                        }
+                        re = addmod(re, kc, W);
+                    }
+                    rb = addmod(rb, r_step, W);
+                }
+            }
+#pragma unroll
+            for (int jj = 0; jj < kJChunk; ++jj) {
+                c[jj] = lane_group_sum(c[jj], L);
+                s[jj] = lane_group_sum(s[jj], L);
+            }
+            if (valid && sub == 0) {
+#pragma unroll
+                for (int jj = 0; jj < kJChunk; ++jj)
+                    if (j0 + jj < p.nx)
+                        sm.rs[(static_cast<uint32_t>(g) * p.tile_rows + yy) * p.nx + j0 + jj] = make_float2(c[jj], s[jj]);
+            }
+        }
+    }
+}
+
+// Phase C: (R_ij, I_ij) += sum over the tile's rows, weighted by w_ij. Item (g, i, j) belongs to the same
+// lane group in every tile (item = group_id + it * n_groups), so the += needs no atomics and the
+// summation order is fixed: results are bitwise reproducible.
+__device__ void column_sums(const KernelParams& p, const FilterSmem& sm, int g_eff, uint32_t y_lo, uint32_t rows,
+                            float wscale) {
+    const uint32_t H = static_cast<uint32_t>(p.H);
+    const int L = p.lanes_col;
+    const int sub = threadIdx.x & (L - 1);
+    const int n_groups = kThreads / L;
+    const int group_id = threadIdx.x / L;
+    const uint32_t per_plane = static_cast<uint32_t>(p.ny * p.nx);
+    const uint32_t items = static_cast<uint32_t>(g_eff) * per_plane;
+    const uint32_t iters = (items + n_groups - 1) / n_groups;
+    const bool use_tab = p.use_tab != 0;
+    for (uint32_t it = 0; it < iters; ++it) {
+        const uint32_t item = group_id + it * n_groups;
+        const bool valid = item < items;
+        float re = 0.0f, im = 0.0f;
+        const uint32_t g = valid ? item / per_plane : 0u;
+        const uint32_t ij = valid ? item - g * per_plane : 0u;
+        const int i = static_cast<int>(ij / p.nx);
+        const int j = static_cast<int>(ij - i * p.nx);
+        if (valid && static_cast<uint32_t>(sub) < rows) {
+            const uint32_t ky = posmod(static_cast<int64_t>(p.ky0) + i, H);
+            uint32_t ry = mulmod(ky, y_lo + sub, H);
+            const uint32_t r_step = mulmod(ky, static_cast<uint32_t>(L) % H, H);
+            for (uint32_t yy = sub; yy < rows; yy += L) {
+                const float2 cs = sm.rs[(g * p.tile_rows + yy) * p.nx + j];
+                const float2 t = twiddle(sm.ty, use_tab, ry, H);
+                re = fmaf(cs.x, t.x, fmaf(-cs.y, t.y, re));
+                im = fmaf(cs.y, t.x, fmaf(cs.x, t.y, im));
+                ry = addmod(ry, r_step, H);
+            }
+        }
+        re = lane_group_sum(re, L);
+        im = lane_group_sum(im, L);
+        if (valid && sub == 0) {
+            const int64_t ky = static_cast<int64_t>(p.ky0) + i, kx = static_cast<int64_t>(p.kx0) + j;
+            const bool inside = !p.radial || ky * ky + kx * kx < p.radius_sq;
+            const float w = inside ? wscale : 0.0f;
+            float2& acc = sm.ri[g * per_plane + ij];
+            acc.x = fmaf(w, re, acc.x);
+            acc.y = fmaf(w, im, acc.y);
+        }
+    }
+}
+
+// Phase D: (Uc_j[y], Us_j[y]) for the tile's rows, overwriting the row sums (consumed by phase C).
+__device__ void row_updates(const KernelParams& p, const FilterSmem& sm, int g_eff, uint32_t y_lo, uint32_t rows) {
+    const uint32_t H = static_cast<uint32_t>(p.H);
+    const uint32_t per_g = rows * static_cast<uint32_t>(p.nx);
+    const uint32_t items = static_cast<uint32_t>(g_eff) * per_g;
+    const uint32_t k0 = posmod(p.ky0, H);
+    const bool use_tab = p.use_tab != 0;
+    for (uint32_t item = threadIdx.x; item < items; item += kThreads) {
+        const uint32_t g = item / per_g;
+        const uint32_t rem = item - g * per_g;
+        const uint32_t yy = rem / p.nx;
+        const uint32_t j = rem - yy * p.nx;
+        const uint32_t y = y_lo + yy;
+        uint32_t ry = mulmod(k0, y, H);  // ((ky0 + i) y) mod H, advanced by y per i
+        float uc = 0.0f, us = 0.0f;
+        const float2* q = sm.ri + g * p.ny * p.nx + j;
+        for (int i = 0; i < p.ny; ++i) {
+            const float2 qi = q[i * p.nx];
+            const float2 t = twiddle(sm.ty, use_tab, ry, H);
+            uc = fmaf(qi.x, t.x, fmaf(qi.y, t.y, uc));
+            us = fmaf(qi.y, t.x, fmaf(-qi.x, t.y, us));
+            ry = addmod(ry, y, H);
+        }
+        sm.rs[(g * p.tile_rows + yy) * p.nx + j] = make_float2(uc, us);
+    }
+}
+
+// Phase E: out = g_hi h + sum_j Uc_j[y] cos(bx_j) + Us_j[y] sin(bx_j) for the tile's elements, h read
+// from shared memory (on chip) or again from global memory (two sweeps; the re-read hits L2).
+template <typename T, int V, bool ON_CHIP>
+__device__ void write_outputs(const KernelParams& p, const FilterSmem& sm, int g_eff, uint32_t y_lo, uint32_t rows) {
+    const RoleParams& r = p.sk;
+    const T* __restrict__ src = static_cast<const T*>(r.src);
+    T* __restrict__ dst = static_cast<T*>(r.dst);
+    const T* plane = static_cast<const T*>(sm.plane);
+    const uint32_t W = static_cast<uint32_t>(p.W);
+    const uint32_t nvec = static_cast<uint32_t>(g_eff) * rows * W / V;
+    const bool cl = ON_CHIP && p.cl != 0;
+    const bool use_tab = p.use_tab != 0;
+    const uint32_t kxm = posmod(p.kx0, W);
+    const float ghi = p.high_gain;
+    const int nx = p.nx;
+    for (uint32_t v = threadIdx.x; v < nvec; v += kThreads) {
+        const Coord co = tile_coord(cl, v * V, g_eff, rows, W, y_lo);
+        const uint32_t yy = co.y - y_lo;
+        float hv[V];
+        if (ON_CHIP) {
+            const uint32_t at = static_cast<uint32_t>(co.g) * p.pitch + co.y * W + co.x;
+            if (cl) {
+#pragma unroll
+                for (int e = 0; e < V; ++e) hv[e] = Cvt<T>::in(plane[at + e * p.pitch]);
+            } else {
+                const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(plane + at);
+#pragma unroll
+                for (int e = 0; e < V; ++e) hv[e] = Cvt<T>::in(pk.e[e]);
+            }
+        } else {
+            const Pack<T, V> pk =
+                *reinterpret_cast<const Pack<T, V>*>(src + sm.info[co.g].src + co.y * r.ss[3] + co.x * r.ss[4]);
+#pragma unroll
+            for (int e = 0; e < V; ++e) hv[e] = Cvt<T>::in(pk.e[e]);
+        }
+        float acc[V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[e] = ghi * hv[e];
+        if (cl) {
+            // V planes at one (y, x): one twiddle per frequency, one (Uc, Us) per plane.
+            uint32_t rx = mulmod(kxm, co.x, W);
+            for (int j = 0; j < nx; ++j) {
+                const float2 t = twiddle(sm.tx, use_tab, rx, W);
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    const float2 u = sm.rs[((static_cast<uint32_t>(co.g) + e) * p.tile_rows + yy) * nx + j];
+                    acc[e] = fmaf(u.x, t.x, fmaf(u.y, t.y, acc[e]));
+                }
+                rx = addmod(rx, co.x, W);
+            }
+        } else {
+            // V consecutive x of one row: one (Uc, Us) per frequency, one twiddle per element.
+            uint32_t rx[V];
+            rx[0] = mulmod(kxm, co.x, W);
+#pragma unroll
+            for (int e = 1; e < V; ++e) rx[e] = addmod(rx[e - 1], kxm, W);
+            const float2* u_row = sm.rs + (static_cast<uint32_t>(co.g) * p.tile_rows + yy) * nx;
+            for (int j = 0; j < nx; ++j) {
+                const float2 u = u_row[j];
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    const float2 t = twiddle(sm.tx, use_tab, rx[e], W);
+                    acc[e] = fmaf(u.x, t.x, fmaf(u.y, t.y, acc[e]));
+                    rx[e] = addmod(rx[e], co.x + e, W);
+                }
+            }
+        }
+        Pack<T, V> o;
+#pragma unroll
+        for (int e = 0; e < V; ++e) o.e[e] = Cvt<T>::out(acc[e]);
+        *reinterpret_cast<Pack<T, V>*>(dst + sm.info[co.g].dst + co.y * r.ds[3] + co.x * r.ds[4]) = o;
+    }
+}
+
+template <typename T, int V, bool ON_CHIP>
+__device__ void filter_sweeps(const KernelParams& p, const FilterSmem& sm, int g_eff, float wscale) {
+    const uint32_t H = static_cast<uint32_t>(p.H);
+    const uint32_t tile = static_cast<uint32_t>(p.tile_rows);
+    // Sweep 1: moments, tile by tile (on chip: one tile holding every row).
+    for (uint32_t y_lo = 0; y_lo < H; y_lo += tile) {
+        const uint32_t rows = min(tile, H - y_lo);
+        row_sums<T, ON_CHIP ? 1 : V, ON_CHIP>(p, sm, g_eff, y_lo, rows);
+        __syncthreads();
+        column_sums(p, sm, g_eff, y_lo, rows, wscale);
+        __syncthreads();
+    }
+    // Sweep 2: every plane's reduction is complete; write the filtered planes.
+    for (uint32_t y_lo = 0; y_lo < H; y_lo += tile) {
+        const uint32_t rows = min(tile, H - y_lo);
+        row_updates(p, sm, g_eff, y_lo, rows);
+        __syncthreads();
+        write_outputs<T, V, ON_CHIP>(p, sm, g_eff, y_lo, rows);
+        if (y_lo + tile < H) __syncthreads();  // the next tile's phase D overwrites the (Uc, Us) rows
+    }
+}
+
+template <typename T>
+__device__ void filter_task(const KernelParams& p, int64_t task, unsigned char* smem) {
+    const RoleParams& r = p.sk;
+    FilterSmem sm;
+    sm.info = reinterpret_cast<PlaneInfo*>(smem);
+    sm.tx = reinterpret_cast<float2*>(smem + p.off_tx);
+    sm.ty = reinterpret_cast<float2*>(smem + p.off_ty);
+    sm.ri = reinterpret_cast<float2*>(smem + p.off_ri);
+    sm.rs = reinterpret_cast<float2*>(smem + p.off_rs);
+    sm.plane = smem + p.off_plane;
+    const int64_t group = task;  // the filter has one task per group
+    const int g_eff = group_size(p, r, group);
+    fill_plane_info(p, r, 2, group, g_eff, sm.info);
+    const uint32_t H = static_cast<uint32_t>(p.H), W = static_cast<uint32_t>(p.W);
+    if (p.use_tab) {
+        for (uint32_t i = threadIdx.x; i < W; i += kThreads) sm.tx[i] = twiddle_direct(i, W);
+        for (uint32_t i = threadIdx.x; i < H; i += kThreads) sm.ty[i] = twiddle_direct(i, H);
+    }
+    for (int i = threadIdx.x; i < g_eff * p.ny * p.nx; i += kThreads) sm.ri[i] = make_float2(0.0f, 0.0f);
+    // w = (s - g_hi) / (H W), formed in double so a large plane loses nothing before the final rounding.
+    const float wscale = static_cast<float>((static_cast<double>(read_factor(p.s)) - static_cast<double>(p.high_gain)) /
+                                            (static_cast<double>(p.H) * static_cast<double>(p.W)));
+    __syncthreads();  // plane info visible to the staging loop
+    constexpr int V = 16 / sizeof(T);
+    if (p.on_chip) {
+        if (r.vec) stage_planes<T, V>(p, sm, g_eff);
+        else stage_planes<T, 1>(p, sm, g_eff);
+        __syncthreads();
+        if (r.vec) filter_sweeps<T, V, true>(p, sm, g_eff, wscale);
+        else filter_sweeps<T, 1, true>(p, sm, g_eff, wscale);
+    } else {
+        if (r.vec) filter_sweeps<T, V, false>(p, sm, g_eff, wscale);
+        else filter_sweeps<T, 1, false>(p, sm, g_eff, wscale);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The kernel: blocks [0, sk.tasks) are skip tasks (the longer ones, scheduled first), the rest backbone.
+// ------------------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) freeu_fused_concat_kernel(const __grid_constant__ KernelParams p) {
+#ifdef FREEU_EMULATE
+    unsigned char* smem = emu_shared_memory();
+#else
+    extern __shared__ __align__(16) unsigned char smem[];
+#endif
+    const int64_t task = blockIdx.x;
+    if (task < p.sk.tasks) {
+        if (p.filter) filter_task<T>(p, task, smem);
+        else elementwise_task<T>(p, p.sk, 1, task, smem);
+    } else {
+        elementwise_task<T>(p, p.bb, 0, task - p.sk.tasks, smem);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side: validation, the launch plan, the launch.
+// ------------------------------------------------------------------------------------------------
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int32_t pow2_lanes(int64_t want) {  // smallest power of two >= want, clamped to [1, 32]
+    int32_t l = 1;
+    while (l < 32 && l < want) l <<= 1;
+    return l;
+}
+
+int64_t align16(int64_t v) { return (v + 15) & ~int64_t(15); }
+
+
+// Can this role move 16-byte vectors? Every stride that moves between vectors must be a multiple of V
+// elements, the contiguous axis must have stride 1, and both base pointers must be 16-byte aligned.
+bool vector_ok(const FreeuFusedConcatArgs& a, const FreeuView& src, const FreeuView& dst, int64_t channels, int V,
+               bool cl) {
+    const int inner = cl ? 1 : 4;  // contiguous axis: C (channels-last) or W
+    const int64_t inner_size = cl ? channels : a.w;
+    if (src.stride[inner] != 1 || dst.stride[inner] != 1 || inner_size % V != 0) return false;
+    for (int d = 0; d < 5; ++d) {
+        if (d == inner) continue;
+        if (src.stride[d] % V != 0 || dst.stride[d] % V != 0) return false;
+    }
+    return reinterpret_cast<uintptr_t>(src.data) % 16 == 0 && reinterpret_cast<uintptr_t>(dst.data) % 16 == 0;
+}
+
+// Source and destination views of a role, and whether it can move 16-byte vectors.
+void init_role(const FreeuFusedConcatArgs& a, RoleParams& r, const FreeuView& src, const FreeuView& dst,
+               int64_t channels, int V, bool cl) {
+    r.src = src.data;
+    r.dst = dst.data;
+    for (int d = 0; d < 5; ++d) {
+        r.ss[d] = src.stride[d];
+        r.ds[d] = dst.stride[d];
+    }
+    r.channels = channels;
+    r.planes = a.n * channels * a.f;
+    r.vec = vector_ok(a, src, dst, channels, V, cl) ? 1 : 0;
+}
+
+// Elementwise role plan: tasks of about 2 waves over the GPU, 256 * V to 1024 * V elements each.
+void plan_elementwise(const FreeuFusedConcatArgs& a, KernelParams& kp, RoleParams& r, int V_full, int num_sms,
+                      int64_t& smem_need) {
+    const int V = r.vec ? V_full : 1;
+    const int64_t area = a.h * a.w;
+    const int64_t total = r.planes * area;
+    int64_t target = ceil_div(total, 2 * int64_t(num_sms));
+    target = std::max<int64_t>(kThreads * V, std::min<int64_t>(target, int64_t(kThreads) * V * kUnroll));
+    int64_t G = area >= target ? 1 : std::min<int64_t>(256, std::max<int64_t>(1, target / area));
+    if (kp.cl) {
+        G = std::min<int64_t>(G, r.channels);
+        if (r.vec) G = std::min<int64_t>(256, ceil_div(G, V) * V);  // whole vectors of channels
+    } else {
+        G = std::min<int64_t>(G, r.planes);
+    }
+    int64_t rows = std::max<int64_t>(1, std::min<int64_t>(a.h, target / std::max<int64_t>(1, G * a.w)));
+    rows = std::min<int64_t>(rows, std::max<int64_t>(1, (kMaxAxis / std::max<int64_t>(1, G * a.w))));
+    r.G = static_cast<int32_t>(G);
+    r.rows = static_cast<int32_t>(rows);
+    r.cgroups = kp.cl ? ceil_div(r.channels, G) : 0;
+    r.groups = kp.cl ? a.n * a.f * r.cgroups : ceil_div(r.planes, G);
+    r.row_chunks = ceil_div(a.h, rows);
+    r.tasks = r.groups * r.row_chunks;
+    smem_need = std::max<int64_t>(smem_need, G * int64_t(sizeof(PlaneInfo)));
+}
+
+// Shared-memory layout of the filter for the chosen path; returns its size in bytes.
+int64_t layout_filter(const FreeuFusedConcatArgs& a, KernelParams& kp, int64_t pitch, int elem_size) {
+    const int64_t G = kp.sk.G, nyx = int64_t(a.ny) * a.nx;
+    int64_t off = align16(G * int64_t(sizeof(PlaneInfo)));
+    kp.off_tx = static_cast<int32_t>(off);
+    off += kp.use_tab ? 8 * a.w : 0;
+    kp.off_ty = static_cast<int32_t>(off);
+    off = align16(off + (kp.use_tab ? 8 * a.h : 0));
+    kp.off_ri = static_cast<int32_t>(off);
+    off = align16(off + 8 * G * nyx);
+    kp.off_rs = static_cast<int32_t>(off);
+    off = align16(off + 8 * G * int64_t(kp.tile_rows) * a.nx);
+    kp.off_plane = static_cast<int32_t>(off);
+    if (kp.on_chip) off = align16(off + G * pitch * elem_size);
+    return off;
+}
+
+// Filter plan: on chip when a group of planes fits in shared memory (one sweep over global memory),
+// else two sweeps per plane (the second re-reads the plane, from L2 for planes up to a few hundred KiB).
+bool plan_filter(const FreeuFusedConcatArgs& a, KernelParams& kp, int V_full, int elem_size, int num_sms,
+                 int64_t& smem_need) {
+    RoleParams& r = kp.sk;
+    const int64_t H = a.h, W = a.w, area = H * W;
+    const int64_t nyx = int64_t(a.ny) * a.nx;
+    kp.use_tab = (H + W) <= kTableMaxEntries;
+    const int64_t tab_bytes = kp.use_tab ? align16(8 * (H + W)) : 0;
+    // On chip, per plane: info, (R, I), a row sum per (row, frequency), the plane itself.
+    const int64_t pitch = kp.cl ? (area | 1) : area;  // odd pitch: channel-fastest accesses spread banks
+    const int64_t per_plane = int64_t(sizeof(PlaneInfo)) + 8 * nyx + 8 * H * a.nx + pitch * elem_size;
+    const int64_t g_fit = area <= kMaxAxis ? (kSmemBudget - tab_bytes - 4 * 16) / per_plane : 0;
+    int64_t bytes = kSmemBudget + 1;
+    if (g_fit >= 1) {
+        // 2048 elements per block keep 256 threads busy; fewer planes when that would leave SMs idle.
+        int64_t G = std::min(ceil_div(2048, area), std::max(ceil_div(256, area), ceil_div(r.planes, 2 * int64_t(num_sms))));
+        G = std::max<int64_t>(1, std::min(G, g_fit));
+        if (kp.cl) {
+            G = std::min<int64_t>(G, r.channels);
+            if (r.vec) {
+                const int64_t Gv = ceil_div(G, V_full) * V_full;
+                if (Gv <= g_fit) G = Gv;
+                else r.vec = 0;
+            }
+        }
+        kp.on_chip = 1;
+        kp.pitch = static_cast<int32_t>(pitch);
+        kp.tile_rows = static_cast<int32_t>(H);
+        r.G = static_cast<int32_t>(G);
+        bytes = layout_filter(a, kp, pitch, elem_size);
+    }
+    if (bytes > kSmemBudget) {
+        // Two sweeps: one plane per block, its rows in tiles whose row sums fit the budget.
+        kp.on_chip = 0;
+        kp.pitch = 0;
+        r.G = 1;
+        if (kp.cl) r.vec = 0;  // a lone channels-last plane has no contiguous axis
+        int64_t tile = std::min<int64_t>(H, std::max<int64_t>(1, kRowSumCap / a.nx));
+        tile = std::min<int64_t>(tile, std::max<int64_t>(1, kMaxAxis / W));
+        kp.tile_rows = static_cast<int32_t>(tile);
+        bytes = layout_filter(a, kp, 0, elem_size);
+        if (bytes > kSmemBudget) return false;
+    }
+    smem_need = std::max(smem_need, bytes);
+    const int64_t G = r.G;
+    const int V = r.vec ? V_full : 1;
+    kp.lanes_row = pow2_lanes(ceil_div(W, int64_t(kp.on_chip ? 1 : V) * 4));
+    kp.lanes_col = pow2_lanes(ceil_div(kp.tile_rows, 4));
+    r.rows = static_cast<int32_t>(H);
+    r.cgroups = kp.cl ? ceil_div(r.channels, G) : 0;
+    r.groups = kp.cl ? a.n * a.f * r.cgroups : ceil_div(r.planes, G);
+    r.row_chunks = 1;
+    r.tasks = r.groups;
+    return true;
+}
+
+std::atomic<int> g_sm_cache[64];
+
+int query_num_sms(int& out) {
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess) return e;
+    if (dev >= 0 && dev < 64 && g_sm_cache[dev].load() > 0) {
+        out = g_sm_cache[dev].load();
+        return 0;
+    }
+    int n = 0;
+    e = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    if (e != cudaSuccess) return e;
+    if (dev >= 0 && dev < 64) g_sm_cache[dev].store(n);
+    out = n;
+    return 0;
+}
+
+template <typename T>
+int launch(const KernelParams& kp, int64_t blocks, cudaStream_t stream) {
+#ifdef FREEU_EMULATE
+    (void)stream;
+    emu_launch(static_cast<unsigned int>(blocks), kThreads, kp.smem_bytes, [&] { freeu_fused_concat_kernel<T>(kp); });
+#else
+    freeu_fused_concat_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, kp.smem_bytes, stream>>>(kp);
+#endif
+    return static_cast<int>(cudaGetLastError());
+}
+
+bool fits_int64_span(const FreeuView& v, const int64_t (&size)[5]) {
+    // Largest element offset of the view must fit comfortably in int64 (the kernel adds a few of them).
+    __int128 span = 0;
+    for (int d = 0; d < 5; ++d) {
+        if (v.stride[d] < 0) return false;
+        span += static_cast<__int128>(size[d] > 0 ? size[d] - 1 : 0) * v.stride[d];
+    }
+    return span < (static_cast<__int128>(1) << 62);
+}
+
+}  // namespace
+
+extern "C" int freeu_abi_version(void) { return FREEU_ABI_VERSION; }
+
+extern "C" int64_t freeu_args_size(void) { return static_cast<int64_t>(sizeof(FreeuFusedConcatArgs)); }
+
+extern "C" int freeu_fused_concat(const FreeuFusedConcatArgs* args, void* stream_handle) {
+    if (args == nullptr) return FREEU_ERR_POINTER;
+    const FreeuFusedConcatArgs& a = *args;
+    if (a.abi_version != FREEU_ABI_VERSION) return FREEU_ERR_ABI_VERSION;
+    int elem_size;
+    switch (a.dtype) {
+        case FREEU_DTYPE_FLOAT32: elem_size = 4; break;
+        case FREEU_DTYPE_FLOAT16:
+        case FREEU_DTYPE_BFLOAT16: elem_size = 2; break;
+        default: return FREEU_ERR_DTYPE;
+    }
+    if (a.n < 0 || a.cx < 0 || a.ch < 0 || a.f < 1 || a.h < 0 || a.w < 0) return FREEU_ERR_SHAPE;
+    if (a.n == 0 || a.h == 0 || a.w == 0 || a.cx + a.ch == 0) return 0;  // empty output: nothing to write
+    if (a.h > kMaxAxis || a.w > kMaxAxis) return FREEU_ERR_TOO_LARGE;
+    if (a.window_start < 0 || a.window_start > a.window_stop || a.window_stop > a.cx) return FREEU_ERR_SHAPE;
+    if (a.version != 1 && a.version != 2) return FREEU_ERR_SHAPE;
+    const bool filter = a.ch > 0 && a.ny > 0 && a.nx > 0;
+    if (a.ny < 0 || a.nx < 0 || a.ny > kMaxAxisFreq || a.nx > kMaxAxisFreq) return FREEU_ERR_BAND;
+    const int64_t xs[5] = {a.n, a.cx, a.f, a.h, a.w}, hs[5] = {a.n, a.ch, a.f, a.h, a.w};
+    if (a.cx > 0 && (a.x.data == nullptr || a.out_x.data == nullptr)) return FREEU_ERR_POINTER;
+    if (a.ch > 0 && (a.skip.data == nullptr || a.out_skip.data == nullptr)) return FREEU_ERR_POINTER;
+    if (!fits_int64_span(a.x, xs) || !fits_int64_span(a.out_x, xs) || !fits_int64_span(a.skip, hs) ||
+        !fits_int64_span(a.out_skip, hs))
+        return FREEU_ERR_TOO_LARGE;
+    const bool scales_window = a.cx > 0 && a.window_stop > a.window_start;
+    if (a.version == 2 && scales_window) {
+        if (a.scale_map == nullptr) return FREEU_ERR_POINTER;
+        for (int d = 0; d < 4; ++d)
+            if (a.map_stride[d] < 0) return FREEU_ERR_SHAPE;
+    }
+
+    int num_sms = a.num_sms;
+    if (num_sms <= 0) {
+        const int e = query_num_sms(num_sms);
+        if (e != 0) return e;
+    }
+    num_sms = std::max(1, num_sms);
+
+    KernelParams kp = {};
+    kp.N = a.n;
+    kp.F = a.f;
+    kp.H = a.h;
+    kp.W = a.w;
+    kp.cl = a.channels_last ? 1 : 0;
+    kp.map = a.scale_map;
+    for (int d = 0; d < 4; ++d) kp.ms[d] = a.map_stride[d];
+    kp.win0 = a.window_start;
+    kp.win1 = a.window_stop;
+    kp.version = a.version;
+    kp.b = Factor{a.b_ptr, a.b_is_f64, static_cast<float>(a.b_value)};
+    kp.s = Factor{a.s_ptr, a.s_is_f64, static_cast<float>(a.s_value)};
+    kp.high_gain = static_cast<float>(a.high_gain);
+    kp.filter = filter ? 1 : 0;
+    kp.ky0 = a.ky0;
+    kp.ny = a.ny;
+    kp.kx0 = a.kx0;
+    kp.nx = a.nx;
+    kp.radial = a.radial ? 1 : 0;
+    kp.radius_sq = a.radius_sq;
+
+    const int V = 16 / elem_size;
+    const bool cl = kp.cl != 0;
+    int64_t smem = 16;
+    if (a.ch > 0) {
+        init_role(a, kp.sk, a.skip, a.out_skip, a.ch, V, cl);
+        if (filter) {
+            if (!plan_filter(a, kp, V, elem_size, num_sms, smem)) return FREEU_ERR_TOO_LARGE;
+        } else {
+            plan_elementwise(a, kp, kp.sk, V, num_sms, smem);
+        }
+    }
+    if (a.cx > 0) {
+        init_role(a, kp.bb, a.x, a.out_x, a.cx, V, cl);
+        plan_elementwise(a, kp, kp.bb, V, num_sms, smem);
+    }
+    kp.smem_bytes = static_cast<int32_t>(smem);
+    const int64_t blocks = kp.sk.tasks + kp.bb.tasks;
+    if (blocks <= 0) return 0;
+    if (blocks > 0x7fffffffLL) return FREEU_ERR_TOO_LARGE;
+
+    cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+    switch (a.dtype) {
+        case FREEU_DTYPE_FLOAT32: return launch<float>(kp, blocks, stream);
+        case FREEU_DTYPE_FLOAT16: return launch<__half>(kp, blocks, stream);
+        default: return launch<__nv_bfloat16>(kp, blocks, stream);
+    }
+}
+
+extern "C" int freeu_prepare(void) {
+    cudaFuncAttributes attr;
+    cudaError_t e = cudaFuncGetAttributes(&attr, freeu_fused_concat_kernel<float>);
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, freeu_fused_concat_kernel<__half>);
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, freeu_fused_concat_kernel<__nv_bfloat16>);
+    return static_cast<int>(e);
+}
+
+extern "C" int freeu_kernel_info(int32_t dtype, int32_t* num_regs, int32_t* local_bytes, int32_t* max_threads) {
+    cudaFuncAttributes attr;
+    cudaError_t e;
+    switch (dtype) {
+        case FREEU_DTYPE_FLOAT32: e = cudaFuncGetAttributes(&attr, freeu_fused_concat_kernel<float>); break;
+        case FREEU_DTYPE_FLOAT16: e = cudaFuncGetAttributes(&attr, freeu_fused_concat_kernel<__half>); break;
+        case FREEU_DTYPE_BFLOAT16: e = cudaFuncGetAttributes(&attr, freeu_fused_concat_kernel<__nv_bfloat16>); break;
+        default: return FREEU_ERR_DTYPE;
+    }
+    if (e != cudaSuccess) return static_cast<int>(e);
+    if (num_regs) *num_regs = attr.numRegs;
+    if (local_bytes) *local_bytes = static_cast<int32_t>(attr.localSizeBytes);
+    if (max_threads) *max_threads = attr.maxThreadsPerBlock;
+    return 0;
+}
+
+extern "C" const char* freeu_error_string(int code) {
+    switch (code) {
+        case 0: return "no error";
+        case FREEU_ERR_ABI_VERSION: return "the caller's FreeuFusedConcatArgs layout does not match this library (ABI version)";
+        case FREEU_ERR_DTYPE: return "unsupported dtype code (float32, float16, bfloat16 only)";
+        case FREEU_ERR_SHAPE: return "invalid sizes, channel window, version or strides";
+        case FREEU_ERR_BAND: return "frequency grid larger than 16 per axis";
+        case FREEU_ERR_POINTER: return "a required data pointer is NULL";
+        case FREEU_ERR_TOO_LARGE: return "sizes or strides exceed what the kernel addresses (2^30 per plane axis, 2^62 offsets)";
+        default: return code > 0 ? cudaGetErrorString(static_cast<cudaError_t>(code)) : "unknown error code";
+    }
+}

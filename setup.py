@@ -1,0 +1,224 @@
+"""Build step of freeu_kernels: the CUDA kernel library of csrc/, compiled with nvcc when that makes sense.
+
+All metadata lives in pyproject.toml; this file only adds one build step. The kernel is a plain CUDA
+shared library with a C ABI (csrc/freeu_fused_concat.h), loaded with ctypes by
+freeu_kernels/backends/cuda_backend.py, so it needs no torch headers and one binary serves every torch
+and Python version. It is installed as freeu_kernels/_lib/libfreeu_kernels_cuda.so.
+
+When it is built:
+  * FREEU_KERNELS_SKIP_CUDA_BUILD=1            never;
+  * no nvcc ($CUDA_HOME/bin, $CUDA_PATH/bin, PATH, /usr/local/cuda/bin)  never;
+  * torch importable and a CPU-only build      never (the library could not run);
+  * otherwise (torch with CUDA, or torch absent, as in pip's isolated build environment)  yes.
+A failed compilation prints a warning and the package installs without it (set
+FREEU_KERNELS_REQUIRE_CUDA_BUILD=1 to make it an error instead); the "cuda" backend then reports why it is
+unavailable and the torch and triton backends work as before.
+
+Architectures: $FREEU_KERNELS_CUDA_ARCH_LIST, else $TORCH_CUDA_ARCH_LIST (both "8.0;8.6;9.0+PTX" style),
+else the visible GPUs' compute capabilities (torch, else nvidia-smi), else 8.0, 8.6, 8.9, 9.0. The highest
+architecture is also embedded as PTX so newer GPUs can JIT it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+LIB_EXTENSION = "freeu_kernels._lib.libfreeu_kernels_cuda"
+LIB_FILE = "libfreeu_kernels_cuda.so"
+SOURCES = ["csrc/freeu_fused_concat.cu"]
+DEFAULT_ARCHS = ["8.0", "8.6", "8.9", "9.0"]
+
+
+def _log(message: str) -> None:
+    print(f"freeu_kernels setup: {message}", file=sys.stderr, flush=True)
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_nvcc():
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root and (Path(root) / "bin" / "nvcc").is_file():
+            return str(Path(root) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    fallback = Path("/usr/local/cuda/bin/nvcc")
+    return str(fallback) if fallback.is_file() else None
+
+
+def _torch_state():
+    """("cuda" | "cpu" | "absent", visible compute capabilities as "X.Y" strings)."""
+    try:
+        import torch  # noqa: F401  (optional: pip's isolated build environment has no torch)
+    except Exception:
+        return "absent", []
+    if torch.version.cuda is None:
+        return "cpu", []
+    caps = []
+    try:
+        for index in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(index)
+            caps.append(f"{major}.{minor}")
+    except Exception:
+        pass
+    return "cuda", caps
+
+
+def _nvidia_smi_caps():
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20, check=True).stdout
+    except Exception:
+        return []
+    return [line.strip() for line in out.splitlines() if re.fullmatch(r"\d+\.\d+", line.strip())]
+
+
+def parse_arch_list(text: str):
+    """"8.0;8.6 9.0+PTX" / "80,90" / "sm_90" -> [("80", False), ("86", False), ("90", True)] (True: also PTX)."""
+    archs = []
+    for item in re.split(r"[;,\s]+", text.strip()):
+        if not item:
+            continue
+        ptx = item.upper().endswith("+PTX")
+        core = item[:-4] if ptx else item
+        core = core.lower().replace("sm_", "").replace("compute_", "")
+        digits = core.replace(".", "")
+        if not re.fullmatch(r"\d{2,3}[af]?", digits):
+            raise ValueError(f"cannot read CUDA architecture {item!r} in {text!r}")
+        archs.append((digits, ptx))
+    return archs
+
+
+def arch_list(torch_caps):
+    for var in ("FREEU_KERNELS_CUDA_ARCH_LIST", "TORCH_CUDA_ARCH_LIST"):
+        if os.environ.get(var, "").strip():
+            archs = parse_arch_list(os.environ[var])
+            _log(f"architectures from ${var}: {os.environ[var]}")
+            break
+    else:
+        caps = torch_caps or _nvidia_smi_caps()
+        archs = parse_arch_list(";".join(sorted(set(caps)))) if caps else parse_arch_list(";".join(DEFAULT_ARCHS))
+        _log(f"architectures {'of the visible GPUs' if caps else '(default, no GPU visible)'}: "
+             f"{', '.join(a for a, _ in archs)}")
+    if archs and not any(ptx for _, ptx in archs):
+        top = max(archs, key=lambda a: int(re.sub(r"\D", "", a[0])))
+        archs = [(a, ptx or (a, ptx) == top) for a, ptx in archs]
+    return archs
+
+
+def gencode_flags(archs):
+    flags = []
+    for arch, ptx in dict.fromkeys(archs):
+        codes = f"sm_{arch}" + (f",compute_{arch}" if ptx else "")
+        flags += ["-gencode", f"arch=compute_{arch},code=[{codes}]"]
+    return flags
+
+
+def cuda_build_plan():
+    """(nvcc path or None, reason it is None, visible capabilities)."""
+    if _truthy("FREEU_KERNELS_SKIP_CUDA_BUILD"):
+        return None, "FREEU_KERNELS_SKIP_CUDA_BUILD is set", []
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return None, "nvcc was not found", []
+    state, caps = _torch_state()
+    if state == "cpu":
+        return None, "torch is a CPU-only build (torch.version.cuda is None)", []
+    return nvcc, "", caps
+
+
+class NvccLibrary(Extension):
+    """A shared library compiled by nvcc alone (not a Python extension module)."""
+
+    def __init__(self, name, sources, nvcc, caps):
+        super().__init__(name, sources=sources)
+        self.nvcc = nvcc
+        self.caps = caps
+
+
+class BuildExt(build_ext):
+    """Builds NvccLibrary with nvcc; a failure warns and drops the library instead of failing the install."""
+
+    def get_ext_filename(self, fullname):
+        # Called with the dotted name and with its last part alone: a plain "lib....so", no ABI suffix.
+        parts = fullname.split(".")
+        if parts[-1] == LIB_EXTENSION.split(".")[-1]:
+            return os.path.join(*parts[:-1], LIB_FILE)
+        return super().get_ext_filename(fullname)
+
+    def run(self):
+        self._built = []
+        super().run()
+
+    def build_extensions(self):
+        kept = []
+        for ext in self.extensions:
+            if isinstance(ext, NvccLibrary):
+                if self._build_nvcc(ext):
+                    kept.append(ext)
+            else:
+                self.build_extension(ext)
+                kept.append(ext)
+        # Later steps (copy to the source tree for --inplace / editable installs, the wheel's file list)
+        # walk self.extensions: leave out what was not built.
+        self.extensions = kept
+
+    def copy_extensions_to_source(self):
+        # --inplace and editable installs copy the library into freeu_kernels/_lib/, which git does not hold.
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            package = ".".join(self.get_ext_fullname(ext.name).split(".")[:-1])
+            Path(build_py.get_package_dir(package)).mkdir(parents=True, exist_ok=True)
+        super().copy_extensions_to_source()
+
+    def _build_nvcc(self, ext) -> bool:
+        output = Path(self.get_ext_fullpath(ext.name))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            archs = arch_list(ext.caps)
+        except ValueError as exc:
+            return self._failed(str(exc))
+        sources = [str(ROOT / s) for s in ext.sources]
+        cmd = [ext.nvcc, "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+               "--threads", "0", f"-I{ROOT / 'csrc'}", *gencode_flags(archs), "-o", str(output), *sources]
+        _log("building the CUDA kernel library: " + " ".join(cmd))
+        try:
+            subprocess.run(cmd, check=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            if output.exists():
+                output.unlink()
+            return self._failed(f"nvcc failed ({exc})")
+        _log(f"built {output}")
+        return True
+
+    def _failed(self, why: str) -> bool:
+        if _truthy("FREEU_KERNELS_REQUIRE_CUDA_BUILD"):
+            raise RuntimeError(f"freeu_kernels: the CUDA kernel library was not built: {why}")
+        _log(f"WARNING: the CUDA kernel library was not built ({why}); the 'cuda' backend will be unavailable")
+        return False
+
+
+def ext_modules():
+    nvcc, reason, caps = cuda_build_plan()
+    if nvcc is None:
+        _log(f"skipping the CUDA kernel library: {reason}")
+        return []
+    return [NvccLibrary(LIB_EXTENSION, SOURCES, nvcc, caps)]
+
+
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": BuildExt})
