@@ -64,7 +64,12 @@ def write_backbone(out_x: torch.Tensor, x: torch.Tensor, b: torch.Tensor, spec: 
     if stop < cx:
         out_x[:, stop:].copy_(x[:, stop:])
     if stop > start:
-        factor = b if scale_map is None else scale_map.unsqueeze(1)
+        if scale_map is not None:
+            factor = scale_map.unsqueeze(1)
+        elif b.device.type == "cpu" and x.device.type == "cpu":
+            factor = b.item()  # a host scalar: the multiply runs in float32 "opmath" without a tensor operand
+        else:
+            factor = b
         torch.mul(x[:, start:stop], factor, out=out_x[:, start:stop])
 
 
@@ -83,7 +88,8 @@ def _filter_lowrank(h: torch.Tensor, out_h: torch.Tensor, spec: FreeUSpec, s: to
 
     Works one sample at a time (a sample's planes are one strided block of the output). float32/float64
     planes are filtered with one ``baddbmm`` writing the output directly. Low-precision planes are
-    filtered a chunk at a time: converted into a small float32 workspace, updated in place there and
+    handled a chunk at a time: converted into a small float32 workspace for the moments, then updated
+    (bfloat16 on the CPU: straight from the input, see _split_columns; otherwise in the workspace) and
     rounded once into the output, so accuracy is float32's and no full-size temporary is allocated.
     """
     band = spec.band
@@ -96,11 +102,17 @@ def _filter_lowrank(h: torch.Tensor, out_h: torch.Tensor, spec: FreeUSpec, s: to
     direct = h.dtype == compute
     step = spec.skip_channels * spec.frames if direct else max(1, _CHUNK_ELEMENTS // max(1, height * width))
     workspace = None
+    # bfloat16 on the CPU: oneDNN's bfloat16 baddbmm accumulates in float32 and rounds once, so the update
+    # can read the bfloat16 planes directly (see _split_columns); elsewhere the float32 workspace is used.
+    split_ext = None
+    if h.dtype == torch.bfloat16 and h.device.type == "cpu":
+        ext_hi = ext.to(h.dtype)
+        split_ext = torch.cat([ext_hi, (ext - ext_hi.to(compute)).to(h.dtype), ext_hi], dim=0)
     for n in range(spec.batch):
         planes = h[n].reshape(-1, height, width)
         sample_out = out_h[n]
-        viewable = _is_view_compatible(sample_out, planes.shape)
-        # A layout whose planes can't be viewed flat (channels_last_3d) is filled through one temporary.
+        viewable = _is_view_compatible(sample_out, (-1, width))
+        # A layout whose rows can't be viewed flat (channels_last) is filled through one temporary.
         target = sample_out.view(planes.shape) if viewable else torch.empty(planes.shape, dtype=h.dtype,
                                                                              device=h.device)
         for begin in range(0, planes.shape[0], step):
@@ -108,7 +120,7 @@ def _filter_lowrank(h: torch.Tensor, out_h: torch.Tensor, spec: FreeUSpec, s: to
             dst = target[begin : begin + step]
             if direct:
                 coeffs = _coefficients(src, ey, ex, weight)
-                torch.baddbmm(src, ey @ coeffs, ext.expand(src.shape[0], -1, -1), beta=spec.high_gain, out=dst)
+                _rank_update(src, ey @ coeffs, ext, spec.high_gain, dst)
                 continue
             if workspace is None:
                 workspace = torch.empty((min(step, planes.shape[0]),) + planes.shape[1:], dtype=compute,
@@ -116,10 +128,41 @@ def _filter_lowrank(h: torch.Tensor, out_h: torch.Tensor, spec: FreeUSpec, s: to
             chunk = workspace[: src.shape[0]]
             chunk.copy_(src)
             coeffs = _coefficients(chunk, ey, ex, weight)
-            chunk.baddbmm_(ey @ coeffs, ext.expand(src.shape[0], -1, -1), beta=spec.high_gain)
+            if split_ext is not None:
+                # Update straight from the low-precision planes: one low-precision baddbmm that
+                # accumulates in float32 and rounds once, with float32-accurate split operands.
+                _rank_update(src, _split_columns(ey @ coeffs, h.dtype), split_ext, spec.high_gain, dst)
+                continue
+            _rank_update(chunk, ey @ coeffs, ext, spec.high_gain, chunk)
             dst.copy_(chunk)
         if not viewable:
             sample_out.copy_(target.view(sample_out.shape))
+
+
+def _rank_update(planes: torch.Tensor, left: torch.Tensor, right: torch.Tensor, beta: float, out: torch.Tensor):
+    """out = beta * planes + left @ right for (p, H, W) planes, as one 2-D addmm (no batch expansion).
+
+    ``left`` is (p, H, r) and ``right`` (r, W): stacking the planes' rows makes it a single
+    (p H, r) @ (r, W) product, which the BLAS runs far better than p small ones. ``out`` may be ``planes``.
+    """
+    width = planes.shape[-1]
+    torch.addmm(planes.reshape(-1, width), left.reshape(-1, left.shape[-1]), right, beta=beta,
+                out=out.view(-1, width))
+
+
+def _split_columns(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[a_hi | a_hi | a_lo] in ``dtype`` with a ~= a_hi + a_lo, to pair with [b_hi; b_lo; b_hi].
+
+    (a_hi + a_lo)(b_hi + b_lo) - a_lo b_lo = a_hi b_hi + a_hi b_lo + a_lo b_hi: one low-precision matmul
+    with three times the inner size gives the float32 product to ~2^-16 relative.
+    """
+    rank = a.shape[-1]
+    out = torch.empty(a.shape[:-1] + (3 * rank,), dtype=dtype, device=a.device)
+    hi = out[..., :rank]
+    hi.copy_(a)
+    out[..., rank : 2 * rank].copy_(hi)
+    out[..., 2 * rank :].copy_(a - hi.to(a.dtype))
+    return out
 
 
 def _is_view_compatible(t: torch.Tensor, shape) -> bool:
