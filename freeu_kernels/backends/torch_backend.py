@@ -73,81 +73,116 @@ def write_backbone(out_x: torch.Tensor, x: torch.Tensor, b: torch.Tensor, spec: 
         torch.mul(x[:, start:stop], factor, out=out_x[:, start:stop])
 
 
-def _coefficients(planes: torch.Tensor, ey: torch.Tensor, ex: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per-plane update coefficients [[Qr, Qi], [Qi, -Qr]], (P, 2ny, 2nx), from float planes (P, H, W)."""
-    moments = (ey.t() @ planes) @ ex  # reduce over y first: the cheapest way to touch each element once
-    ny, nx = ey.shape[1] // 2, ex.shape[1] // 2
+# Planes up to this many elements use one Kronecker table (H W x 4 ny nx) instead of the separable pair:
+# a single GEMM over all planes beats many tiny batched products (SD 1.5's 8x8 and 16x16 planes).
+_KRONECKER_MAX_PLANE = 256
+
+
+def _coefficients(moments: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-plane update coefficients [[Qr, Qi], [Qi, -Qr]], (P, 2ny, 2nx), from the moments M = Ey^T h Ex."""
+    ny, nx = weight.shape
     real = moments[:, :ny, :nx] - moments[:, ny:, nx:]
     imag = moments[:, ny:, :nx] + moments[:, :ny, nx:]
     qr, qi = weight * real, weight * imag
     return torch.cat([torch.cat([qr, qi], dim=2), torch.cat([qi, -qr], dim=2)], dim=1)
 
 
+class _LowRankFactors:
+    """The filter of one call as ``h' = g_hi h + left(h) @ right`` on rows of the planes.
+
+    Separable form: rows are plane rows (length W), left = Ey Q (P H x 2nx), right = Ex^T (2nx x W).
+    Kronecker form (small planes): rows are whole planes (length H W), left = Q (P x 4 ny nx),
+    right = (Ey (x) Ex)^T, so the moments and the update are each one GEMM over every plane.
+    """
+
+    def __init__(self, spec: FreeUSpec, s: torch.Tensor, device: torch.device, compute: torch.dtype):
+        band = spec.band
+        self.height, self.width = spec.height, spec.width
+        self.ey = twiddle_table(spec.height, band.ky0, band.ny, device, compute)
+        self.ex = twiddle_table(spec.width, band.kx0, band.nx, device, compute)
+        self.weight = _weight_table(band, device, compute) * ((s.to(compute) - spec.high_gain) / spec.plane_size)
+        self.kronecker = spec.plane_size <= _KRONECKER_MAX_PLANE
+        if self.kronecker:
+            # (H W, 2ny * 2nx): column (a, b) holds Ey[y, a] Ex[x, b].
+            self.kron = (self.ey[:, None, :, None] * self.ex[None, :, None, :]).reshape(spec.plane_size, -1)
+            self.right = self.kron.t()
+        else:
+            self.right = self.ex.t()
+        self.row_length = self.right.shape[1]
+
+    def left(self, planes: torch.Tensor) -> torch.Tensor:
+        """The per-row factor for float planes (p, H, W), as a 2-D (rows, r) tensor."""
+        count = planes.shape[0]
+        if self.kronecker:
+            moments = (planes.reshape(count, -1) @ self.kron).view(count, self.ey.shape[1], self.ex.shape[1])
+            return _coefficients(moments, self.weight).reshape(count, -1)
+        moments = (self.ey.t() @ planes) @ self.ex  # reduce over y first: one pass over the data
+        return (self.ey @ _coefficients(moments, self.weight)).reshape(count * self.height, -1)
+
+
+_WEIGHTS: Dict[Tuple, torch.Tensor] = {}
+
+
+def _weight_table(band, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """band.weight_table on the device, cached (no host-to-device copy per call, so CUDA graphs capture)."""
+    key = (band, device, dtype)
+    table = _WEIGHTS.get(key)
+    if table is None:
+        table = _WEIGHTS[key] = band.weight_table(dtype).to(device)
+    return table
+
+
 def _filter_lowrank(h: torch.Tensor, out_h: torch.Tensor, spec: FreeUSpec, s: torch.Tensor) -> None:
-    """out_h = g_hi h + Ey Q Ex^T for every plane (the low-rank filter), h read twice, out_h written once.
+    """out_h = g_hi h + left(h) @ right for every plane (the low-rank filter); out_h written once.
 
     Works one sample at a time (a sample's planes are one strided block of the output). float32/float64
-    planes are filtered with one ``baddbmm`` writing the output directly. Low-precision planes are
+    planes are filtered with one ``addmm`` writing the output directly. Low-precision planes are
     handled a chunk at a time: converted into a small float32 workspace for the moments, then updated
     (bfloat16 on the CPU: straight from the input, see _split_columns; otherwise in the workspace) and
     rounded once into the output, so accuracy is float32's and no full-size temporary is allocated.
     """
-    band = spec.band
     compute = torch.float64 if spec.dtype == torch.float64 else torch.float32
-    height, width = spec.height, spec.width
-    ey = twiddle_table(height, band.ky0, band.ny, h.device, compute)
-    ex = twiddle_table(width, band.kx0, band.nx, h.device, compute)
-    weight = band.weight_table(compute).to(h.device) * ((s.to(compute) - spec.high_gain) / spec.plane_size)
-    ext = ex.t()
+    factors = _LowRankFactors(spec, s, h.device, compute)
+    height, width, length = spec.height, spec.width, factors.row_length
     direct = h.dtype == compute
     step = spec.skip_channels * spec.frames if direct else max(1, _CHUNK_ELEMENTS // max(1, height * width))
     workspace = None
-    # bfloat16 on the CPU: oneDNN's bfloat16 baddbmm accumulates in float32 and rounds once, so the update
+    # bfloat16 on the CPU: oneDNN's bfloat16 addmm accumulates in float32 and rounds once, so the update
     # can read the bfloat16 planes directly (see _split_columns); elsewhere the float32 workspace is used.
-    split_ext = None
+    split_right = None
     if h.dtype == torch.bfloat16 and h.device.type == "cpu":
-        ext_hi = ext.to(h.dtype)
-        split_ext = torch.cat([ext_hi, (ext - ext_hi.to(compute)).to(h.dtype), ext_hi], dim=0)
+        right_hi = factors.right.to(h.dtype)
+        split_right = torch.cat([right_hi, (factors.right - right_hi.to(compute)).to(h.dtype), right_hi], dim=0)
     for n in range(spec.batch):
         planes = h[n].reshape(-1, height, width)
         sample_out = out_h[n]
-        viewable = _is_view_compatible(sample_out, (-1, width))
+        viewable = _is_view_compatible(sample_out, (-1, length))
         # A layout whose rows can't be viewed flat (channels_last) is filled through one temporary.
         target = sample_out.view(planes.shape) if viewable else torch.empty(planes.shape, dtype=h.dtype,
                                                                              device=h.device)
         for begin in range(0, planes.shape[0], step):
-            src = planes[begin : begin + step]
-            dst = target[begin : begin + step]
+            src = planes[begin : begin + step].reshape(-1, length)
+            dst = target[begin : begin + step].view(-1, length)
             if direct:
-                coeffs = _coefficients(src, ey, ex, weight)
-                _rank_update(src, ey @ coeffs, ext, spec.high_gain, dst)
+                torch.addmm(src, factors.left(planes[begin : begin + step]), factors.right,
+                             beta=spec.high_gain, out=dst)
                 continue
             if workspace is None:
-                workspace = torch.empty((min(step, planes.shape[0]),) + planes.shape[1:], dtype=compute,
+                workspace = torch.empty((min(step, planes.shape[0]), height, width), dtype=compute,
                                         device=h.device)
-            chunk = workspace[: src.shape[0]]
-            chunk.copy_(src)
-            coeffs = _coefficients(chunk, ey, ex, weight)
-            if split_ext is not None:
-                # Update straight from the low-precision planes: one low-precision baddbmm that
-                # accumulates in float32 and rounds once, with float32-accurate split operands.
-                _rank_update(src, _split_columns(ey @ coeffs, h.dtype), split_ext, spec.high_gain, dst)
+            chunk = workspace[: planes[begin : begin + step].shape[0]]
+            chunk.copy_(planes[begin : begin + step])
+            left = factors.left(chunk)
+            if split_right is not None:
+                # One low-precision addmm that accumulates in float32 and rounds once, with float32-accurate
+                # split operands, reading the input planes directly.
+                torch.addmm(src, _split_columns(left, h.dtype), split_right, beta=spec.high_gain, out=dst)
                 continue
-            _rank_update(chunk, ey @ coeffs, ext, spec.high_gain, chunk)
-            dst.copy_(chunk)
+            chunk_rows = chunk.view(-1, length)
+            torch.addmm(chunk_rows, left, factors.right, beta=spec.high_gain, out=chunk_rows)
+            dst.copy_(chunk_rows)
         if not viewable:
             sample_out.copy_(target.view(sample_out.shape))
-
-
-def _rank_update(planes: torch.Tensor, left: torch.Tensor, right: torch.Tensor, beta: float, out: torch.Tensor):
-    """out = beta * planes + left @ right for (p, H, W) planes, as one 2-D addmm (no batch expansion).
-
-    ``left`` is (p, H, r) and ``right`` (r, W): stacking the planes' rows makes it a single
-    (p H, r) @ (r, W) product, which the BLAS runs far better than p small ones. ``out`` may be ``planes``.
-    """
-    width = planes.shape[-1]
-    torch.addmm(planes.reshape(-1, width), left.reshape(-1, left.shape[-1]), right, beta=beta,
-                out=out.view(-1, width))
 
 
 def _split_columns(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -156,13 +191,8 @@ def _split_columns(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     (a_hi + a_lo)(b_hi + b_lo) - a_lo b_lo = a_hi b_hi + a_hi b_lo + a_lo b_hi: one low-precision matmul
     with three times the inner size gives the float32 product to ~2^-16 relative.
     """
-    rank = a.shape[-1]
-    out = torch.empty(a.shape[:-1] + (3 * rank,), dtype=dtype, device=a.device)
-    hi = out[..., :rank]
-    hi.copy_(a)
-    out[..., rank : 2 * rank].copy_(hi)
-    out[..., 2 * rank :].copy_(a - hi.to(a.dtype))
-    return out
+    hi = a.to(dtype)
+    return torch.cat([hi, hi, (a - hi.to(a.dtype)).to(dtype)], dim=-1)
 
 
 def _is_view_compatible(t: torch.Tensor, shape) -> bool:
@@ -186,7 +216,7 @@ def filter_skip_fft(h: torch.Tensor, spec: FreeUSpec, s: torch.Tensor) -> torch.
     gains = torch.full((height, width), spec.high_gain, dtype=compute, device=h.device)
     ky = (torch.arange(band.ky0, band.ky0 + band.ny, device=h.device)) % height
     kx = (torch.arange(band.kx0, band.kx0 + band.nx, device=h.device)) % width
-    inside = band.weight_table(torch.bool).to(h.device)
+    inside = _weight_table(band, h.device, torch.bool)
     block = torch.where(inside, s.to(device=h.device, dtype=compute), gains[ky][:, kx])
     gains[ky[:, None], kx[None, :]] = block
     mirror_y = (-torch.arange(height, device=h.device)) % height
