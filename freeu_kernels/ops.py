@@ -93,7 +93,8 @@ def _fused_concat_op(
     scale_map = None
     start, stop = spec.window
     if spec.version == 2 and stop > start and x.numel() > 0:
-        scale_map = (b.to(x.device) - 1) * structure_map(x).to(factor_dtype) + 1
+        # A CPU 0-d b combines with a device map as a scalar: no host-to-device copy, capture-safe.
+        scale_map = (b - 1) * structure_map(x).to(factor_dtype) + 1
     return registry.kernel(chosen.value)(x, h, b, s, spec, scale_map)
 
 
