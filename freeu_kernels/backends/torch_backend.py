@@ -78,21 +78,39 @@ def write_backbone(out_x: torch.Tensor, x: torch.Tensor, b: torch.Tensor, spec: 
 _KRONECKER_MAX_PLANE = 256
 
 
-def _coefficients(moments: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per-plane update coefficients [[Qr, Qi], [Qi, -Qr]], (P, 2ny, 2nx), from the moments M = Ey^T h Ex."""
-    ny, nx = weight.shape
-    real = moments[:, :ny, :nx] - moments[:, ny:, nx:]
-    imag = moments[:, ny:, :nx] + moments[:, :ny, nx:]
-    qr, qi = weight * real, weight * imag
-    return torch.cat([torch.cat([qr, qi], dim=2), torch.cat([qi, -qr], dim=2)], dim=1)
+def _coefficient_map(ny: int, nx: int) -> torch.Tensor:
+    """The fixed +-1 matrix T0 with vec(Q) = vec(M) @ (T0 * w), float64, (4 ny nx) x (4 ny nx).
+
+    M is the (2ny, 2nx) moment matrix [[Scc, Scs], [Ssc, Sss]] and Q the update's coefficients
+    [[Qr, Qi], [Qi, -Qr]] with Qr = w (Scc - Sss) and Qi = w (Ssc + Scs), both flattened row-major.
+    One small matmul then replaces a dozen strided elementwise ops per call.
+    """
+    width = 2 * nx
+    t0 = torch.zeros(4 * ny * nx, 4 * ny * nx, dtype=torch.float64)
+
+    def at(row: int, col: int) -> int:
+        return row * width + col
+
+    for i in range(ny):
+        for j in range(nx):
+            cc, cs, sc, ss = at(i, j), at(i, nx + j), at(ny + i, j), at(ny + i, nx + j)
+            t0[cc, cc], t0[ss, cc] = 1.0, -1.0  # Qr = Scc - Sss
+            t0[sc, cs], t0[cs, cs] = 1.0, 1.0  # Qi = Ssc + Scs
+            t0[sc, sc], t0[cs, sc] = 1.0, 1.0  # Qi again, at the (s, c) place
+            t0[cc, ss], t0[ss, ss] = -1.0, 1.0  # -Qr
+    return t0
+
+
+_COEFFICIENT_MAPS: Dict[Tuple, torch.Tensor] = {}
 
 
 class _LowRankFactors:
     """The filter of one call as ``h' = g_hi h + left(h) @ right`` on rows of the planes.
 
-    Separable form: rows are plane rows (length W), left = Ey Q (P H x 2nx), right = Ex^T (2nx x W).
-    Kronecker form (small planes): rows are whole planes (length H W), left = Q (P x 4 ny nx),
-    right = (Ey (x) Ex)^T, so the moments and the update are each one GEMM over every plane.
+    Separable form: rows are plane rows (length W), left = Ey Q (P H x 2nx), right = Ex^T (2nx x W),
+    with vec(Q) = vec(Ey^T h Ex) @ T. Kronecker form (small planes): rows are whole planes (length H W),
+    K = Ey (x) Ex, left = h K (the moments), right = T K^T, so the filter costs two GEMMs over every
+    plane and nothing per plane in between. T = T0 * w carries the mask and s (see _coefficient_map).
     """
 
     def __init__(self, spec: FreeUSpec, s: torch.Tensor, device: torch.device, compute: torch.dtype):
@@ -100,12 +118,18 @@ class _LowRankFactors:
         self.height, self.width = spec.height, spec.width
         self.ey = twiddle_table(spec.height, band.ky0, band.ny, device, compute)
         self.ex = twiddle_table(spec.width, band.kx0, band.nx, device, compute)
-        self.weight = _weight_table(band, device, compute) * ((s.to(compute) - spec.high_gain) / spec.plane_size)
+        key = (band.ny, band.nx, device, compute)
+        t0 = _COEFFICIENT_MAPS.get(key)
+        if t0 is None:
+            t0 = _COEFFICIENT_MAPS[key] = _coefficient_map(band.ny, band.nx).to(device=device, dtype=compute)
+        # w per coefficient column: the (i, j) grid weight repeated over the four (c/s, c/s) blocks.
+        weight = _weight_table(band, device, compute).repeat(2, 2).reshape(1, -1)
+        self.coefficient_map = t0 * (weight * ((s.to(compute) - spec.high_gain) / spec.plane_size))
         self.kronecker = spec.plane_size <= _KRONECKER_MAX_PLANE
         if self.kronecker:
             # (H W, 2ny * 2nx): column (a, b) holds Ey[y, a] Ex[x, b].
             self.kron = (self.ey[:, None, :, None] * self.ex[None, :, None, :]).reshape(spec.plane_size, -1)
-            self.right = self.kron.t()
+            self.right = self.coefficient_map @ self.kron.t()
         else:
             self.right = self.ex.t()
         self.row_length = self.right.shape[1]
@@ -114,10 +138,10 @@ class _LowRankFactors:
         """The per-row factor for float planes (p, H, W), as a 2-D (rows, r) tensor."""
         count = planes.shape[0]
         if self.kronecker:
-            moments = (planes.reshape(count, -1) @ self.kron).view(count, self.ey.shape[1], self.ex.shape[1])
-            return _coefficients(moments, self.weight).reshape(count, -1)
+            return planes.reshape(count, -1) @ self.kron
         moments = (self.ey.t() @ planes) @ self.ex  # reduce over y first: one pass over the data
-        return (self.ey @ _coefficients(moments, self.weight)).reshape(count * self.height, -1)
+        coeffs = (moments.reshape(count, -1) @ self.coefficient_map).view(moments.shape)
+        return (self.ey @ coeffs).reshape(count * self.height, -1)
 
 
 _WEIGHTS: Dict[Tuple, torch.Tensor] = {}
