@@ -38,7 +38,8 @@ def available_backends(device: Optional[torch.device | str] = None) -> List[str]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    order = list(registry.auto_order(device)) + [n for n in registry.PREFERENCE_ORDER if n not in registry.auto_order(device)]
+    preferred = registry.auto_order(device)
+    order = list(preferred) + [name for name in registry.PREFERENCE_ORDER if name not in preferred]
     return [name for name in order if registry.is_available(name, device)]
 
 
@@ -116,8 +117,6 @@ def _backward(ctx, grad):
     x, b, s = ctx.saved_tensors
     options = ctx.options
     cx = ctx.cx
-    grad = grad.contiguous() if not grad.is_contiguous() and not grad.is_contiguous(
-        memory_format=torch.channels_last) else grad
     grad_x, grad_h = grad[:, :cx], grad[:, cx:]
     if options.get("version", 1) == 1:
         both = torch.ops.freeu.fused_concat(grad_x, grad_h, b, s, **options)
