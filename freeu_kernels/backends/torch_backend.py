@@ -9,12 +9,14 @@ Math (DESIGN.md section 2, in real arithmetic). Per plane h (H x W), with twiddl
     h' = g_hi h + Ey [[Qr, Qi], [Qi, -Qr]] Ex^T
 
 because Re(X(k) e^{i(a + b)}) = R (cos a cos b - sin a sin b) + I (sin a cos b + cos a sin b).
-Two thin matmuls over the data (h Ex, then the rank-2nx update) and tiny ones in between; the update is
-a single ``baddbmm`` that writes the output slice directly (beta = g_hi), so h is read twice and the
-output written once. For bfloat16/float16 the update's operands are split into a high and a low half
-(a = a_hi + a_lo, exact to 2^-16) so the low-precision matmul, which accumulates in float32 and rounds
-once, keeps float32 accuracy; the moments are taken from float32 copies of h made a chunk at a time
-so no full-size float32 temporary is ever allocated.
+The map from M to the coefficient matrix is one fixed small matrix T (see _coefficient_map), so a call
+is: the moments (thin matmuls over the data), one tiny matmul, and the rank-2nx update as one ``addmm``
+per sample that writes the output slice directly (beta = g_hi). Planes of up to 256 elements use the
+Kronecker table Ey (x) Ex instead, so the moments and the update are each a single GEMM over every plane.
+h is read twice and the output written once. bfloat16 on the CPU updates straight from the input with
+split operands (a = a_hi + a_lo, exact to 2^-16) in one bfloat16 GEMM, which accumulates in float32 and
+rounds once; its moments, and those of every other low-precision case, come from float32 copies of h
+made a chunk at a time, so no full-size float32 temporary is ever allocated.
 """
 
 from __future__ import annotations
