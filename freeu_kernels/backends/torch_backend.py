@@ -76,8 +76,11 @@ def write_backbone(out_x: torch.Tensor, x: torch.Tensor, b: torch.Tensor, spec: 
 
 
 # Planes up to this many elements use one Kronecker table (H W x 4 ny nx) instead of the separable pair:
-# a single GEMM over all planes beats many tiny batched products (SD 1.5's 8x8 and 16x16 planes).
+# a single GEMM over all planes beats many tiny batched products (SD 1.5's 8x8 and 16x16 planes). Low
+# precision inputs switch later (32x32 planes too): their per-row conversions and split operands cost
+# per plane row on the separable path but per plane on the Kronecker one (measured on a 2-vCPU EPYC).
 _KRONECKER_MAX_PLANE = 256
+_KRONECKER_MAX_PLANE_LOW_PRECISION = 1024
 
 
 def _coefficient_map(ny: int, nx: int) -> torch.Tensor:
@@ -127,7 +130,9 @@ class _LowRankFactors:
         # w per coefficient column: the (i, j) grid weight repeated over the four (c/s, c/s) blocks.
         weight = _weight_table(band, device, compute).repeat(2, 2).reshape(1, -1)
         self.coefficient_map = t0 * (weight * ((s.to(compute) - spec.high_gain) / spec.plane_size))
-        self.kronecker = spec.plane_size <= _KRONECKER_MAX_PLANE
+        low_precision = spec.dtype in (torch.float16, torch.bfloat16)
+        self.kronecker = spec.plane_size <= (_KRONECKER_MAX_PLANE_LOW_PRECISION if low_precision
+                                             else _KRONECKER_MAX_PLANE)
         if self.kronecker:
             # (H W, 2ny * 2nx): column (a, b) holds Ey[y, a] Ex[x, b].
             self.kron = (self.ey[:, None, :, None] * self.ex[None, :, None, :]).reshape(spec.plane_size, -1)
