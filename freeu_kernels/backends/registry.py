@@ -19,6 +19,7 @@ import torch
 # bench/results/ show it ahead. Off CUDA, "auto" is always the torch backend: the Triton interpreter is
 # for tests, not for speed.
 CUDA_PREFERENCE = ("triton", "cuda", "torch")
+# Every backend, in the order available_backends lists the ones outside the automatic choice.
 PREFERENCE_ORDER = ("torch", "triton", "cuda")
 
 _MODULES = {
@@ -55,7 +56,7 @@ def why_unavailable(name: str, device: torch.device) -> Optional[str]:
 
 
 def is_available(name: str, device: torch.device) -> bool:
-    """Whether backend ``name`` can run on ``device``; "auto" never picks triton for CPU tensors."""
+    """Whether backend ``name`` can run on ``device`` (the automatic choice is auto_order's business)."""
     return why_unavailable(name, device) is None
 
 
