@@ -9,11 +9,12 @@ Math (DESIGN.md section 2, in real arithmetic). Per plane h (H x W), with twiddl
     h' = g_hi h + Ey [[Qr, Qi], [Qi, -Qr]] Ex^T
 
 because Re(X(k) e^{i(a + b)}) = R (cos a cos b - sin a sin b) + I (sin a cos b + cos a sin b).
-The map from M to the coefficient matrix is one fixed small matrix T (see _coefficient_map), so a call
-is: the moments (thin matmuls over the data), one tiny matmul, and the rank-2nx update as one ``addmm``
-per sample that writes the output slice directly (beta = g_hi). Planes of up to 256 elements use the
-Kronecker table Ey (x) Ex instead, so the moments and the update are each a single GEMM over every plane.
-h is read twice and the output written once. bfloat16 on the CPU updates straight from the input with
+The map from M to the coefficient matrix is one fixed small matrix T (see _coefficient_map), folded
+with the expansion by Ey into one small table, so a call is: one thin "moment GEMM" over the data, two
+small matmuls, and the rank-2nx update as one ``addmm`` per sample that writes the output slice
+directly (beta = g_hi). Planes of up to 256 elements use the Kronecker table Ey (x) Ex instead, so the
+moments and the update are each a single GEMM over every plane. h is read twice and the output written
+once. bfloat16 on the CPU updates straight from the input with
 split operands (a = a_hi + a_lo, exact to 2^-16) in one bfloat16 GEMM, which accumulates in float32 and
 rounds once; its moments, and those of every other low-precision case, come from float32 copies of h
 made a chunk at a time, so no full-size float32 temporary is ever allocated.
@@ -22,7 +23,7 @@ made a chunk at a time, so no full-size float32 temporary is ever allocated.
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -76,11 +77,9 @@ def write_backbone(out_x: torch.Tensor, x: torch.Tensor, b: torch.Tensor, spec: 
 
 
 # Planes up to this many elements use one Kronecker table (H W x 4 ny nx) instead of the separable pair:
-# a single GEMM over all planes beats many tiny batched products (SD 1.5's 8x8 and 16x16 planes). Low
-# precision inputs switch later (32x32 planes too): their per-row conversions and split operands cost
-# per plane row on the separable path but per plane on the Kronecker one (measured on a 2-vCPU EPYC).
+# a single GEMM over all planes beats thin products over plane rows of a few elements (SD 1.5's 8x8 and
+# 16x16 planes; measured on a 2-vCPU EPYC).
 _KRONECKER_MAX_PLANE = 256
-_KRONECKER_MAX_PLANE_LOW_PRECISION = 1024
 
 
 def _coefficient_map(ny: int, nx: int) -> torch.Tensor:
@@ -106,49 +105,94 @@ def _coefficient_map(ny: int, nx: int) -> torch.Tensor:
     return t0
 
 
-_COEFFICIENT_MAPS: Dict[Tuple, torch.Tensor] = {}
+def _updates_low_precision_directly(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the update of low-precision planes reads them straight from the input.
+
+    True for bfloat16 on the CPU, where oneDNN's bfloat16 GEMM accumulates in float32 and applies beta
+    before its single rounding, which _split_rows relies on (the accuracy tests pin it). Elsewhere the
+    update runs in the float32 workspace and is rounded into the output by a copy.
+    """
+    return dtype == torch.bfloat16 and device.type == "cpu"
 
 
 class _LowRankFactors:
-    """The filter of one call as ``h' = g_hi h + left(h) @ right`` on rows of the planes.
+    """The filter of one call as ``h' = g_hi h + left @ right`` on rows of the planes.
 
-    Separable form: rows are plane rows (length W), left = Ey Q (P H x 2nx), right = Ex^T (2nx x W),
-    with vec(Q) = vec(Ey^T h Ex) @ T. Kronecker form (small planes): rows are whole planes (length H W),
-    K = Ey (x) Ex, left = h K (the moments), right = T K^T, so the filter costs two GEMMs over every
-    plane and nothing per plane in between. T = T0 * w carries the mask and s (see _coefficient_map).
+    Two forms, chosen by plane size; both start with one "moment GEMM" ``table^T @ rows^T`` that
+    reduces every row of the data against a few twiddle columns, and both keep the thin factors in the
+    wide orientation (r, rows): thin-and-tall tensors of 4 to 16 columns are several times slower to
+    multiply, convert and concatenate on the CPU than their transposes (measured).
+
+    Separable (rows are plane rows, length W): ``A = Ex^T rows^T`` (2nx, P H); per plane the (2ny, 2nx)
+    moments ``M = Ey^T A_p^T``, gathered as M^T (4 ny nx, P); ``left^T[b'] = M^T^T Z[b']`` (P, H) for each
+    of the 2nx columns b', where Z folds the coefficient map T and the expansion ``Ey Q`` into one
+    (2nx, 4 ny nx, H) table; right = Ex^T. After the moment GEMM everything up to the update is small
+    matmuls on 2nx/W of the data.
+
+    Kronecker (small planes; rows are whole planes, length H W): K = Ey (x) Ex, ``left^T = K^T rows^T``
+    (the moments) and ``right = T K^T``.
+
+    The tables depend on the plane shape and the band only; the gain ``(s - g_hi) / (H W)`` multiplies
+    the one small table it enters (Z or right) per call, so a changing s costs no rebuild.
     """
 
-    def __init__(self, spec: FreeUSpec, s: torch.Tensor, device: torch.device, compute: torch.dtype):
+    def __init__(self, spec: FreeUSpec, device: torch.device, compute: torch.dtype):
         band = spec.band
-        self.height, self.width = spec.height, spec.width
-        self.ey = twiddle_table(spec.height, band.ky0, band.ny, device, compute)
-        self.ex = twiddle_table(spec.width, band.kx0, band.nx, device, compute)
-        key = (band.ny, band.nx, device, compute)
-        t0 = _COEFFICIENT_MAPS.get(key)
-        if t0 is None:
-            t0 = _COEFFICIENT_MAPS[key] = _coefficient_map(band.ny, band.nx).to(device=device, dtype=compute)
-        # w per coefficient column: the (i, j) grid weight repeated over the four (c/s, c/s) blocks.
-        weight = _weight_table(band, device, compute).repeat(2, 2).reshape(1, -1)
-        self.coefficient_map = t0 * (weight * ((s.to(compute) - spec.high_gain) / spec.plane_size))
-        low_precision = spec.dtype in (torch.float16, torch.bfloat16)
-        self.kronecker = spec.plane_size <= (_KRONECKER_MAX_PLANE_LOW_PRECISION if low_precision
-                                             else _KRONECKER_MAX_PLANE)
+        self.height = spec.height
+        ey = twiddle_table(spec.height, band.ky0, band.ny, device, compute)
+        ex = twiddle_table(spec.width, band.kx0, band.nx, device, compute)
+        # T0 with the mask's grid weight w on every coefficient column (repeated over the four
+        # (c/s, c/s) blocks); the gain is applied per call.
+        weight = band.weight_table(torch.float64).repeat(2, 2).reshape(1, -1)
+        coefficient_map = (_coefficient_map(band.ny, band.nx) * weight).to(device=device, dtype=compute)
+        self.kronecker = spec.plane_size <= _KRONECKER_MAX_PLANE
         if self.kronecker:
             # (H W, 2ny * 2nx): column (a, b) holds Ey[y, a] Ex[x, b].
-            self.kron = (self.ey[:, None, :, None] * self.ex[None, :, None, :]).reshape(spec.plane_size, -1)
-            self.right = self.coefficient_map @ self.kron.t()
+            self.table = (ey[:, None, :, None] * ex[None, :, None, :]).reshape(spec.plane_size, -1)
+            self.unit_right = coefficient_map @ self.table.t()
+            self.unit_left_map = None
         else:
-            self.right = self.ex.t()
-        self.row_length = self.right.shape[1]
+            two_ny, two_nx = 2 * band.ny, 2 * band.nx
+            self.ey = ey
+            # G[(a, b), b', y] = Ey[y, a] [b == b'], so that left[p, y, b'] = sum_a Ey[y, a] Q[p, a, b'].
+            expand = ey.t()[:, None, None, :] * torch.eye(two_nx, dtype=compute, device=device)[None, :, :, None]
+            expand = expand.reshape(two_ny * two_nx, two_nx * spec.height)
+            self.unit_left_map = (coefficient_map @ expand).view(-1, two_nx, spec.height).transpose(0, 1)
+            self.table = ex
+            self.unit_right = ex.t()
+        self.row_length = self.unit_right.shape[1]
 
-    def left(self, planes: torch.Tensor) -> torch.Tensor:
-        """The per-row factor for float planes (p, H, W), as a 2-D (rows, r) tensor."""
-        count = planes.shape[0]
+    def scaled(self, gain: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """(left_map, right) for this call's gain, a 0-d tensor: the gain goes into the smaller table."""
         if self.kronecker:
-            return planes.reshape(count, -1) @ self.kron
-        moments = (self.ey.t() @ planes) @ self.ex  # reduce over y first: one pass over the data
-        coeffs = (moments.reshape(count, -1) @ self.coefficient_map).view(moments.shape)
-        return (self.ey @ coeffs).reshape(count * self.height, -1)
+            return None, self.unit_right * gain
+        return self.unit_left_map * gain, self.unit_right
+
+    def rows(self, planes: torch.Tensor) -> torch.Tensor:
+        """The planes (p, H, W) as the 2-D rows the update works on."""
+        return planes.reshape(-1, self.row_length)
+
+    def left_t(self, products: torch.Tensor, left_map: Optional[torch.Tensor]) -> torch.Tensor:
+        """The update's left factor, transposed (r, rows), from the moment GEMM's ``table^T rows^T``."""
+        if self.kronecker:
+            return products
+        two_nx = products.shape[0]
+        count = products.shape[1] // self.height
+        # (2ny, 2nx P) viewed as M^T (4 ny nx, P), rows in the coefficient map's (a, b) order.
+        moments_t = (self.ey.t() @ products.view(-1, self.height).t()).view(-1, count)
+        return torch.bmm(moments_t.t().expand(two_nx, -1, -1), left_map).view(two_nx, -1)
+
+
+_FACTORS: Dict[Tuple, _LowRankFactors] = {}
+
+
+def _low_rank_factors(spec: FreeUSpec, device: torch.device, compute: torch.dtype) -> _LowRankFactors:
+    """The cached _LowRankFactors of a plane shape and band (built once, read-only afterwards)."""
+    key = (spec.height, spec.width, spec.band, device, compute)
+    factors = _FACTORS.get(key)
+    if factors is None:
+        factors = _FACTORS[key] = _LowRankFactors(spec, device, compute)
+    return factors
 
 
 _WEIGHTS: Dict[Tuple, torch.Tensor] = {}
@@ -164,26 +208,29 @@ def _weight_table(band, device: torch.device, dtype: torch.dtype) -> torch.Tenso
 
 
 def _filter_lowrank(h: torch.Tensor, out_h: torch.Tensor, spec: FreeUSpec, s: torch.Tensor) -> None:
-    """out_h = g_hi h + left(h) @ right for every plane (the low-rank filter); out_h written once.
+    """out_h = g_hi h + left @ right for every plane (the low-rank filter); out_h written once.
 
     Works one sample at a time (a sample's planes are one strided block of the output). float32/float64
-    planes are filtered with one ``addmm`` writing the output directly. Low-precision planes are
-    handled a chunk at a time: converted into a small float32 workspace for the moments, then updated
-    (bfloat16 on the CPU: straight from the input, see _split_columns; otherwise in the workspace) and
-    rounded once into the output, so accuracy is float32's and no full-size temporary is allocated.
+    planes are filtered with one moment GEMM, two small matmuls and one ``addmm`` that writes the output
+    directly. Low-precision planes are handled in equal chunks of about _CHUNK_ELEMENTS: converted into
+    a small float32 workspace for the moments (float32 accuracy, and no full-size temporary), then
+    updated: bfloat16 on the CPU straight from the input with split operands (see _split_rows), which
+    accumulates in float32 and rounds once; otherwise in the workspace, rounded once into the output.
     """
     compute = torch.float64 if spec.dtype == torch.float64 else torch.float32
-    factors = _LowRankFactors(spec, s, h.device, compute)
+    factors = _low_rank_factors(spec, h.device, compute)
+    left_map, right = factors.scaled((s.to(compute) - spec.high_gain) / spec.plane_size)
     height, width, length = spec.height, spec.width, factors.row_length
     direct = h.dtype == compute
-    step = spec.skip_channels * spec.frames if direct else max(1, _CHUNK_ELEMENTS // max(1, height * width))
+    # Low-precision planes go through a float32 workspace a chunk at a time, in equal chunks.
+    planes_per_sample = spec.skip_channels * spec.frames
+    chunks = 1 if direct else -(-planes_per_sample * spec.plane_size // _CHUNK_ELEMENTS)
+    step = max(1, -(-planes_per_sample // chunks))
     workspace = None
-    # bfloat16 on the CPU: oneDNN's bfloat16 addmm accumulates in float32 and rounds once, so the update
-    # can read the bfloat16 planes directly (see _split_columns); elsewhere the float32 workspace is used.
     split_right = None
-    if h.dtype == torch.bfloat16 and h.device.type == "cpu":
-        right_hi = factors.right.to(h.dtype)
-        split_right = torch.cat([right_hi, (factors.right - right_hi.to(compute)).to(h.dtype), right_hi], dim=0)
+    if not direct and _updates_low_precision_directly(h.dtype, h.device):
+        right_hi = right.to(h.dtype)
+        split_right = torch.cat([right_hi, (right - right_hi.to(compute)).to(h.dtype), right_hi], dim=0)
     for n in range(spec.batch):
         planes = h[n].reshape(-1, height, width)
         sample_out = out_h[n]
@@ -192,38 +239,36 @@ def _filter_lowrank(h: torch.Tensor, out_h: torch.Tensor, spec: FreeUSpec, s: to
         target = sample_out.view(planes.shape) if viewable else torch.empty(planes.shape, dtype=h.dtype,
                                                                              device=h.device)
         for begin in range(0, planes.shape[0], step):
-            src = planes[begin : begin + step].reshape(-1, length)
+            src = factors.rows(planes[begin : begin + step])
             dst = target[begin : begin + step].view(-1, length)
             if direct:
-                torch.addmm(src, factors.left(planes[begin : begin + step]), factors.right,
-                             beta=spec.high_gain, out=dst)
+                left_t = factors.left_t(factors.table.t() @ src.t(), left_map)
+                torch.addmm(src, left_t.t(), right, beta=spec.high_gain, out=dst)
                 continue
             if workspace is None:
-                workspace = torch.empty((min(step, planes.shape[0]), height, width), dtype=compute,
-                                        device=h.device)
-            chunk = workspace[: planes[begin : begin + step].shape[0]]
-            chunk.copy_(planes[begin : begin + step])
-            left = factors.left(chunk)
+                workspace = torch.empty((step * height * width // length, length), dtype=compute, device=h.device)
+            chunk_rows = workspace[: src.shape[0]]
+            chunk_rows.copy_(src)
+            left_t = factors.left_t(factors.table.t() @ chunk_rows.t(), left_map)
             if split_right is not None:
                 # One low-precision addmm that accumulates in float32 and rounds once, with float32-accurate
                 # split operands, reading the input planes directly.
-                torch.addmm(src, _split_columns(left, h.dtype), split_right, beta=spec.high_gain, out=dst)
+                torch.addmm(src, _split_rows(left_t, h.dtype).t(), split_right, beta=spec.high_gain, out=dst)
                 continue
-            chunk_rows = chunk.view(-1, length)
-            torch.addmm(chunk_rows, left, factors.right, beta=spec.high_gain, out=chunk_rows)
+            torch.addmm(chunk_rows, left_t.t(), right, beta=spec.high_gain, out=chunk_rows)
             dst.copy_(chunk_rows)
         if not viewable:
             sample_out.copy_(target.view(sample_out.shape))
 
 
-def _split_columns(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[a_hi | a_hi | a_lo] in ``dtype`` with a ~= a_hi + a_lo, to pair with [b_hi; b_lo; b_hi].
+def _split_rows(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[a_hi; a_hi; a_lo] in ``dtype`` with a ~= a_hi + a_lo, to pair (transposed) with [b_hi; b_lo; b_hi].
 
     (a_hi + a_lo)(b_hi + b_lo) - a_lo b_lo = a_hi b_hi + a_hi b_lo + a_lo b_hi: one low-precision matmul
     with three times the inner size gives the float32 product to ~2^-16 relative.
     """
     hi = a.to(dtype)
-    return torch.cat([hi, hi, (a - hi.to(a.dtype)).to(dtype)], dim=-1)
+    return torch.cat([hi, hi, (a - hi.to(a.dtype)).to(dtype)], dim=0)
 
 
 def _is_view_compatible(t: torch.Tensor, shape) -> bool:
