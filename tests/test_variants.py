@@ -21,7 +21,7 @@ VARIANTS = {
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("family", ["odd7x5", "5d", "channels_last"])
+@pytest.mark.parametrize("family", ["odd7x5", "5d", "channels_last", "separable_24x40"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_variant_matches_oracle(backend, variant, family, dtype, poisoned_outputs):
     options = VARIANTS[variant]
@@ -49,6 +49,21 @@ def test_v2_map_is_per_sample_over_all_frames():
     assert m.shape == (2, 4, 5, 6)
     for n in range(2):
         assert m[n].min().item() == 0.0 and m[n].max().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1, 12, 14), (1, 1, 24, 20)], ids=["kronecker12x14", "separable24x20"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_largest_low_rank_masks_match_oracle(backend, shape, dtype):
+    """The largest masks still on the low-rank path (MAX_LOWRANK_FREQUENCIES_PER_AXIS per axis)."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    h = (torch.randn(shape, generator=gen) + 1.0).to(DEVICE, dtype)
+    threshold = MAX_LOWRANK_FREQUENCIES_PER_AXIS // 2
+    for mask in ("box", "radial"):
+        assert not make_spec(x, h, threshold, mask=mask).uses_fft_fallback
+        out = fused_concat(x, h, 1.2, 0.4, threshold=threshold, mask=mask, high_gain=1.1, backend=backend)
+        assert_matches_oracle(out, oracle(x, h, 1.2, 0.4, threshold, mask=mask, high_gain=1.1), dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

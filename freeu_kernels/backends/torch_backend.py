@@ -82,27 +82,47 @@ def write_backbone(out_x: torch.Tensor, x: torch.Tensor, b: torch.Tensor, spec: 
 _KRONECKER_MAX_PLANE = 256
 
 
-def _coefficient_map(ny: int, nx: int) -> torch.Tensor:
-    """The fixed +-1 matrix T0 with vec(Q) = vec(M) @ (T0 * w), float64, (4 ny nx) x (4 ny nx).
+def _coefficient_gathers(band) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How the update's coefficients Q come from the moments M: Q = M[first] * c1 + M[second] * c2.
 
-    M is the (2ny, 2nx) moment matrix [[Scc, Scs], [Ssc, Sss]] and Q the update's coefficients
-    [[Qr, Qi], [Qi, -Qr]] with Qr = w (Scc - Sss) and Qi = w (Ssc + Scs), both flattened row-major.
-    One small matmul then replaces a dozen strided elementwise ops per call.
+    M holds [[Scc, Scs], [Ssc, Sss]] as rows (a, b) of a (2ny, 2nx) grid flattened row-major. Q is
+    [[Qr, Qi], [Qi, -Qr]] with Qr = w (Scc - Sss) and Qi = w (Ssc + Scs), w the mask weight of the grid
+    point, produced in (b, a) order (column-block first), the order the expansion by Ey consumes. Each
+    coefficient is a signed, weighted sum of exactly two moments, so two row gathers and two multiplies
+    replace a dense (4 ny nx)^2 map: linear, not quadratic, in the number of masked frequencies.
+    Returns (first, second, c1, c2): int64 row indices and float64 (4 ny nx, 1) coefficients.
     """
-    width = 2 * nx
-    t0 = torch.zeros(4 * ny * nx, 4 * ny * nx, dtype=torch.float64)
+    ny, nx = band.ny, band.nx
+    weight = band.weight_table(torch.float64)
+    first, second, c1, c2 = [], [], [], []
+    for col in range(2 * nx):
+        for row in range(2 * ny):
+            i, j = row % ny, col % nx
+            cc, cs = i * 2 * nx + j, i * 2 * nx + nx + j
+            sc, ss = (ny + i) * 2 * nx + j, (ny + i) * 2 * nx + nx + j
+            w = float(weight[i, j])
+            if (row < ny) == (col < nx):  # (cos, cos) holds Qr = w (Scc - Sss); (sin, sin) holds -Qr
+                sign = 1.0 if row < ny else -1.0
+                first.append(cc), second.append(ss), c1.append(sign * w), c2.append(-sign * w)
+            else:  # the mixed blocks hold Qi = w (Ssc + Scs)
+                first.append(sc), second.append(cs), c1.append(w), c2.append(w)
+    column = lambda v: torch.tensor(v, dtype=torch.float64).view(-1, 1)  # noqa: E731
+    return torch.tensor(first), torch.tensor(second), column(c1), column(c2)
 
-    def at(row: int, col: int) -> int:
-        return row * width + col
 
-    for i in range(ny):
-        for j in range(nx):
-            cc, cs, sc, ss = at(i, j), at(i, nx + j), at(ny + i, j), at(ny + i, nx + j)
-            t0[cc, cc], t0[ss, cc] = 1.0, -1.0  # Qr = Scc - Sss
-            t0[sc, cs], t0[cs, cs] = 1.0, 1.0  # Qi = Ssc + Scs
-            t0[sc, sc], t0[cs, sc] = 1.0, 1.0  # Qi again, at the (s, c) place
-            t0[cc, ss], t0[ss, ss] = -1.0, 1.0  # -Qr
-    return t0
+def _coefficient_map(band) -> torch.Tensor:
+    """The same map as a dense float64 matrix T, vec(Q) = vec(M) @ T, both flattened row-major (a, b).
+
+    For the Kronecker form, where T is folded into the right factor once and costs nothing per call.
+    """
+    first, second, c1, c2 = _coefficient_gathers(band)
+    two_ny, two_nx = 2 * band.ny, 2 * band.nx
+    produced = torch.arange(first.numel())  # (b, a) order -> column a * 2nx + b
+    column = (produced % two_ny) * two_nx + produced // two_ny
+    dense = torch.zeros(first.numel(), first.numel(), dtype=torch.float64)
+    dense.index_put_((first, column), c1.view(-1), accumulate=True)
+    dense.index_put_((second, column), c2.view(-1), accumulate=True)
+    return dense
 
 
 def _updates_low_precision_directly(dtype: torch.dtype, device: torch.device) -> bool:
@@ -124,16 +144,15 @@ class _LowRankFactors:
     multiply, convert and concatenate on the CPU than their transposes (measured).
 
     Separable (rows are plane rows, length W): ``A = Ex^T rows^T`` (2nx, P H); per plane the (2ny, 2nx)
-    moments ``M = Ey^T A_p^T``, gathered as M^T (4 ny nx, P); ``left^T[b'] = M^T^T Z[b']`` (P, H) for each
-    of the 2nx columns b', where Z folds the coefficient map T and the expansion ``Ey Q`` into one
-    (2nx, 4 ny nx, H) table; right = Ex^T. After the moment GEMM everything up to the update is small
-    matmuls on 2nx/W of the data.
+    moments ``M = Ey^T A_p^T``, gathered as M^T (4 ny nx, P); the coefficients Q^T from two row gathers
+    (_coefficient_gathers); ``left^T[b'] = Q[:, :, b'] Ey^T`` (P, H) for each of the 2nx columns b';
+    right = Ex^T. After the moment GEMM everything up to the update works on 2nx/W of the data.
 
     Kronecker (small planes; rows are whole planes, length H W): K = Ey (x) Ex, ``left^T = K^T rows^T``
-    (the moments) and ``right = T K^T``.
+    (the moments) and ``right = T K^T`` with the dense coefficient map T (_coefficient_map).
 
     The tables depend on the plane shape and the band only; the gain ``(s - g_hi) / (H W)`` multiplies
-    the one small table it enters (Z or right) per call, so a changing s costs no rebuild.
+    ``right`` (a few rows of W or H W) per call, so a changing s costs no rebuild.
     """
 
     def __init__(self, spec: FreeUSpec, device: torch.device, compute: torch.dtype):
@@ -141,46 +160,42 @@ class _LowRankFactors:
         self.height = spec.height
         ey = twiddle_table(spec.height, band.ky0, band.ny, device, compute)
         ex = twiddle_table(spec.width, band.kx0, band.nx, device, compute)
-        # T0 with the mask's grid weight w on every coefficient column (repeated over the four
-        # (c/s, c/s) blocks); the gain is applied per call.
-        weight = band.weight_table(torch.float64).repeat(2, 2).reshape(1, -1)
-        coefficient_map = (_coefficient_map(band.ny, band.nx) * weight).to(device=device, dtype=compute)
         self.kronecker = spec.plane_size <= _KRONECKER_MAX_PLANE
         if self.kronecker:
+            coefficient_map = _coefficient_map(band).to(device=device, dtype=compute)
             # (H W, 2ny * 2nx): column (a, b) holds Ey[y, a] Ex[x, b].
             self.table = (ey[:, None, :, None] * ex[None, :, None, :]).reshape(spec.plane_size, -1)
             self.unit_right = coefficient_map @ self.table.t()
-            self.unit_left_map = None
         else:
-            two_ny, two_nx = 2 * band.ny, 2 * band.nx
+            first, second, c1, c2 = _coefficient_gathers(band)
+            self.first, self.second = first.to(device), second.to(device)
+            self.c1, self.c2 = c1.to(device=device, dtype=compute), c2.to(device=device, dtype=compute)
             self.ey = ey
-            # G[(a, b), b', y] = Ey[y, a] [b == b'], so that left[p, y, b'] = sum_a Ey[y, a] Q[p, a, b'].
-            expand = ey.t()[:, None, None, :] * torch.eye(two_nx, dtype=compute, device=device)[None, :, :, None]
-            expand = expand.reshape(two_ny * two_nx, two_nx * spec.height)
-            self.unit_left_map = (coefficient_map @ expand).view(-1, two_nx, spec.height).transpose(0, 1)
             self.table = ex
             self.unit_right = ex.t()
         self.row_length = self.unit_right.shape[1]
 
-    def scaled(self, gain: torch.Tensor) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-        """(left_map, right) for this call's gain, a 0-d tensor: the gain goes into the smaller table."""
-        if self.kronecker:
-            return None, self.unit_right * gain
-        return self.unit_left_map * gain, self.unit_right
+    def right(self, gain: torch.Tensor) -> torch.Tensor:
+        """The update's right factor for this call's gain, a 0-d tensor."""
+        return self.unit_right * gain
 
     def rows(self, planes: torch.Tensor) -> torch.Tensor:
         """The planes (p, H, W) as the 2-D rows the update works on."""
         return planes.reshape(-1, self.row_length)
 
-    def left_t(self, products: torch.Tensor, left_map: Optional[torch.Tensor]) -> torch.Tensor:
+    def left_t(self, products: torch.Tensor) -> torch.Tensor:
         """The update's left factor, transposed (r, rows), from the moment GEMM's ``table^T rows^T``."""
         if self.kronecker:
             return products
         two_nx = products.shape[0]
         count = products.shape[1] // self.height
-        # (2ny, 2nx P) viewed as M^T (4 ny nx, P), rows in the coefficient map's (a, b) order.
+        # (2ny, 2nx P) viewed as M^T (4 ny nx, P), rows in (a, b) order.
         moments_t = (self.ey.t() @ products.view(-1, self.height).t()).view(-1, count)
-        return torch.bmm(moments_t.t().expand(two_nx, -1, -1), left_map).view(two_nx, -1)
+        coefficients_t = moments_t.index_select(0, self.first) * self.c1
+        coefficients_t.addcmul_(moments_t.index_select(0, self.second), self.c2)
+        # (2nx, 2ny, P): per column b', Q[:, :, b']^T; left^T[b'] = Q[:, :, b'] Ey^T.
+        per_column = coefficients_t.view(two_nx, -1, count).transpose(1, 2)
+        return torch.bmm(per_column, self.ey.t().expand(two_nx, -1, -1)).view(two_nx, -1)
 
 
 _FACTORS: Dict[Tuple, _LowRankFactors] = {}
@@ -219,7 +234,7 @@ def _filter_lowrank(h: torch.Tensor, out_h: torch.Tensor, spec: FreeUSpec, s: to
     """
     compute = torch.float64 if spec.dtype == torch.float64 else torch.float32
     factors = _low_rank_factors(spec, h.device, compute)
-    left_map, right = factors.scaled((s.to(compute) - spec.high_gain) / spec.plane_size)
+    right = factors.right((s.to(compute) - spec.high_gain) / spec.plane_size)
     height, width, length = spec.height, spec.width, factors.row_length
     direct = h.dtype == compute
     # Low-precision planes go through a float32 workspace a chunk at a time, in equal chunks.
@@ -242,14 +257,14 @@ def _filter_lowrank(h: torch.Tensor, out_h: torch.Tensor, spec: FreeUSpec, s: to
             src = factors.rows(planes[begin : begin + step])
             dst = target[begin : begin + step].view(-1, length)
             if direct:
-                left_t = factors.left_t(factors.table.t() @ src.t(), left_map)
+                left_t = factors.left_t(factors.table.t() @ src.t())
                 torch.addmm(src, left_t.t(), right, beta=spec.high_gain, out=dst)
                 continue
             if workspace is None:
                 workspace = torch.empty((step * height * width // length, length), dtype=compute, device=h.device)
             chunk_rows = workspace[: src.shape[0]]
             chunk_rows.copy_(src)
-            left_t = factors.left_t(factors.table.t() @ chunk_rows.t(), left_map)
+            left_t = factors.left_t(factors.table.t() @ chunk_rows.t())
             if split_right is not None:
                 # One low-precision addmm that accumulates in float32 and rounds once, with float32-accurate
                 # split operands, reading the input planes directly.
