@@ -1,18 +1,23 @@
-"""Build step of freeu_kernels: the CUDA kernel library of csrc/, compiled with nvcc when that makes sense.
+"""Build step of freeu_kernels: the kernel libraries of csrc/, compiled when that makes sense.
 
-All metadata lives in pyproject.toml; this file only adds one build step. The kernel is a plain CUDA
-shared library with a C ABI (csrc/freeu_fused_concat.h), loaded with ctypes by
-freeu_kernels/backends/cuda_backend.py, so it needs no torch headers and one binary serves every torch
-and Python version. It is installed as freeu_kernels/_lib/libfreeu_kernels_cuda.so.
+All metadata lives in pyproject.toml; this file only adds the build of two plain shared libraries with
+the C ABI of csrc/freeu_fused_concat.h, loaded with ctypes (freeu_kernels/backends/c_abi.py), so they
+need no torch headers and one binary serves every torch and Python version:
 
-When it is built:
+  freeu_kernels/_lib/libfreeu_kernels_cpu.so   csrc/freeu_cpu.cpp, the "cpu" backend, built with the
+      system C++ compiler ($CXX, else c++, g++, clang++; C++17 with _Float16: g++ >= 12, clang++ >= 15).
+      Skipped with FREEU_KERNELS_SKIP_CPU_BUILD=1; a failure warns (FREEU_KERNELS_REQUIRE_CPU_BUILD=1
+      makes it an error) and the torch backend serves CPU tensors instead.
+  freeu_kernels/_lib/libfreeu_kernels_cuda.so  csrc/freeu_fused_concat.cu, the "cuda" backend, with nvcc.
+
+When the CUDA library is built:
   * FREEU_KERNELS_SKIP_CUDA_BUILD=1            never;
   * no nvcc ($CUDA_HOME/bin, $CUDA_PATH/bin, PATH, /usr/local/cuda/bin)  never;
   * torch importable and a CPU-only build      never (the library could not run);
   * otherwise (torch with CUDA, or torch absent, as in pip's isolated build environment)  yes.
 A failed compilation prints a warning and the package installs without it (set
 FREEU_KERNELS_REQUIRE_CUDA_BUILD=1 to make it an error instead); the "cuda" backend then reports why it is
-unavailable and the torch and triton backends work as before.
+unavailable and the other backends work as before.
 
 Architectures: $FREEU_KERNELS_CUDA_ARCH_LIST, else $TORCH_CUDA_ARCH_LIST (both "8.0;8.6;9.0+PTX" style),
 else the visible GPUs' compute capabilities (torch, else nvidia-smi), else 8.0, 8.6, 8.9, 9.0. The highest
@@ -32,9 +37,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-LIB_EXTENSION = "freeu_kernels._lib.libfreeu_kernels_cuda"
-LIB_FILE = "libfreeu_kernels_cuda.so"
-SOURCES = ["csrc/freeu_fused_concat.cu"]
+CUDA_EXTENSION = "freeu_kernels._lib.libfreeu_kernels_cuda"
+CUDA_SOURCES = ["csrc/freeu_fused_concat.cu"]
+CPU_EXTENSION = "freeu_kernels._lib.libfreeu_kernels_cpu"
+CPU_SOURCES = ["csrc/freeu_cpu.cpp"]
 DEFAULT_ARCHS = ["8.0", "8.6", "8.9", "9.0"]
 
 
@@ -142,34 +148,52 @@ def cuda_build_plan():
     return nvcc, "", caps
 
 
+def find_cxx():
+    """The C++ compiler for the CPU library: $CXX, else c++, g++, clang++ on PATH."""
+    if os.environ.get("CXX", "").strip():
+        return os.environ["CXX"].strip()
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
 class NvccLibrary(Extension):
     """A shared library compiled by nvcc alone (not a Python extension module)."""
 
     def __init__(self, name, sources, nvcc, caps):
-        super().__init__(name, sources=sources)
+        super().__init__(name, sources=sources, depends=["csrc/freeu_fused_concat.h"])
         self.nvcc = nvcc
         self.caps = caps
 
 
+class HostLibrary(Extension):
+    """A plain C++ shared library for the host (not a Python extension module)."""
+
+    def __init__(self, name, sources, cxx):
+        super().__init__(name, sources=sources, depends=["csrc/freeu_fused_concat.h", "csrc/freeu_cpu_kernels.h"])
+        self.cxx = cxx
+
+
 class BuildExt(build_ext):
-    """Builds NvccLibrary with nvcc; a failure warns and drops the library instead of failing the install."""
+    """Builds the kernel libraries; a failure warns and drops that library instead of failing the install."""
 
     def get_ext_filename(self, fullname):
         # Called with the dotted name and with its last part alone: a plain "lib....so", no ABI suffix.
         parts = fullname.split(".")
-        if parts[-1] == LIB_EXTENSION.split(".")[-1]:
-            return os.path.join(*parts[:-1], LIB_FILE)
+        if parts[-1] in (CUDA_EXTENSION.split(".")[-1], CPU_EXTENSION.split(".")[-1]):
+            return os.path.join(*parts[:-1], parts[-1] + ".so")
         return super().get_ext_filename(fullname)
-
-    def run(self):
-        self._built = []
-        super().run()
 
     def build_extensions(self):
         kept = []
         for ext in self.extensions:
             if isinstance(ext, NvccLibrary):
                 if self._build_nvcc(ext):
+                    kept.append(ext)
+            elif isinstance(ext, HostLibrary):
+                if self._build_host(ext):
                     kept.append(ext)
             else:
                 self.build_extension(ext)
@@ -196,29 +220,51 @@ class BuildExt(build_ext):
         sources = [str(ROOT / s) for s in ext.sources]
         cmd = [ext.nvcc, "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
                "--threads", "0", f"-I{ROOT / 'csrc'}", *gencode_flags(archs), "-o", str(output), *sources]
-        _log("building the CUDA kernel library: " + " ".join(cmd))
+        return self._compile(cmd, output, "CUDA", "cuda")
+
+    def _build_host(self, ext) -> bool:
+        output = Path(self.get_ext_fullpath(ext.name))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        sources = [str(ROOT / s) for s in ext.sources]
+        # -fopenmp-simd: the kernels' "omp simd" loops, without linking an OpenMP runtime next to torch's.
+        cmd = [ext.cxx, "-std=c++17", "-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-pthread",
+               "-fopenmp-simd", "-Wno-psabi", f"-I{ROOT / 'csrc'}", "-o", str(output), *sources]
+        return self._compile(cmd, output, "CPU", "cpu")
+
+    def _compile(self, cmd, output: Path, kind: str, backend: str) -> bool:
+        _log(f"building the {kind} kernel library: " + " ".join(cmd))
         try:
             subprocess.run(cmd, check=True)
         except (OSError, subprocess.CalledProcessError) as exc:
             if output.exists():
                 output.unlink()
-            return self._failed(f"nvcc failed ({exc})")
+            return self._failed(f"{cmd[0]} failed ({exc})", kind, backend)
         _log(f"built {output}")
         return True
 
-    def _failed(self, why: str) -> bool:
-        if _truthy("FREEU_KERNELS_REQUIRE_CUDA_BUILD"):
-            raise RuntimeError(f"freeu_kernels: the CUDA kernel library was not built: {why}")
-        _log(f"WARNING: the CUDA kernel library was not built ({why}); the 'cuda' backend will be unavailable")
+    def _failed(self, why: str, kind: str = "CUDA", backend: str = "cuda") -> bool:
+        if _truthy(f"FREEU_KERNELS_REQUIRE_{kind}_BUILD"):
+            raise RuntimeError(f"freeu_kernels: the {kind} kernel library was not built: {why}")
+        _log(f"WARNING: the {kind} kernel library was not built ({why}); the '{backend}' backend will be unavailable")
         return False
 
 
 def ext_modules():
+    modules = []
+    cxx = None if _truthy("FREEU_KERNELS_SKIP_CPU_BUILD") else find_cxx()
+    if cxx is None:
+        reason = "FREEU_KERNELS_SKIP_CPU_BUILD is set" if _truthy("FREEU_KERNELS_SKIP_CPU_BUILD") else "no C++ compiler"
+        if _truthy("FREEU_KERNELS_REQUIRE_CPU_BUILD"):
+            raise RuntimeError(f"freeu_kernels: the CPU kernel library was not built: {reason}")
+        _log(f"skipping the CPU kernel library: {reason}")
+    else:
+        modules.append(HostLibrary(CPU_EXTENSION, CPU_SOURCES, cxx))
     nvcc, reason, caps = cuda_build_plan()
     if nvcc is None:
         _log(f"skipping the CUDA kernel library: {reason}")
-        return []
-    return [NvccLibrary(LIB_EXTENSION, SOURCES, nvcc, caps)]
+    else:
+        modules.append(NvccLibrary(CUDA_EXTENSION, CUDA_SOURCES, nvcc, caps))
+    return modules
 
 
 setup(ext_modules=ext_modules(), cmdclass={"build_ext": BuildExt})

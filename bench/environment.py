@@ -99,7 +99,16 @@ def collect_environment(device: torch.device) -> Dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "cpu_llc_bytes": last_level_cache_bytes(),
         "load_average_start": load_average(),
+        "cpu_kernel": _cpu_kernel(),
     }
+
+
+def _cpu_kernel() -> str:
+    """Which instruction-set copy the CPU kernel library runs, or why it is absent."""
+    from freeu_kernels.backends import cpu_backend
+
+    error = cpu_backend.load_error()
+    return f"{cpu_backend.isa()} copy" if error is None else f"not available ({error})"
 
 
 def load_average() -> Optional[float]:

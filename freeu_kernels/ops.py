@@ -22,7 +22,7 @@ import torch
 
 from .backends import registry
 from .reference import structure_map
-from .spec import Backend, FreeUSpec, allocate_output, check_factor, make_spec
+from .spec import KERNEL_DTYPES, Backend, FreeUSpec, allocate_output, check_factor, make_spec
 
 __all__ = ["fused_concat", "available_backends", "resolve_backend", "ENV_BACKEND"]
 
@@ -32,8 +32,9 @@ ENV_BACKEND = "FREEU_KERNELS_BACKEND"
 def available_backends(device: Optional[torch.device | str] = None) -> List[str]:
     """Names of the backends that can run here, best first for ``device`` (default: cuda if present).
 
-    "torch" runs everywhere. "triton" needs Triton and a CUDA device (or TRITON_INTERPRET=1, which runs
-    its kernels on CPU tensors). "cuda" needs the compiled extension and a CUDA device.
+    "torch" runs everywhere. "cpu" needs the compiled CPU kernel library and CPU tensors. "triton" needs
+    Triton and a CUDA device (or TRITON_INTERPRET=1, which runs its kernels on CPU tensors). "cuda" needs
+    the compiled extension and a CUDA device.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,7 +47,8 @@ def available_backends(device: Optional[torch.device | str] = None) -> List[str]
 def resolve_backend(requested: Optional[str], device: torch.device, spec: Optional[FreeUSpec] = None) -> Backend:
     """The backend that will run: the requested one (argument, else $FREEU_KERNELS_BACKEND), else the best.
 
-    An explicitly requested backend that cannot run on ``device`` raises ValueError. Masks with more
+    An explicitly requested backend that cannot run on ``device`` raises ValueError. The automatic
+    choice passes over the fused kernels for dtypes they do not compute (float64). Masks with more
     frequencies than the fused kernels handle (spec.uses_fft_fallback) run on the torch backend's FFT path.
     """
     name = requested if requested not in (None, Backend.AUTO, "auto") else os.environ.get(ENV_BACKEND) or "auto"
@@ -55,7 +57,10 @@ def resolve_backend(requested: Optional[str], device: torch.device, spec: Option
     except ValueError:
         raise ValueError(f"backend must be one of {[b.value for b in Backend]}, got {name!r}") from None
     if backend is Backend.AUTO:
-        backend = Backend(next(n for n in registry.auto_order(device) if registry.is_available(n, device)))
+        # The fused kernels compute float16, bfloat16 and float32; other dtypes (float64) go to torch.
+        fused_ok = spec is None or spec.dtype in KERNEL_DTYPES
+        backend = Backend(next(n for n in registry.auto_order(device)
+                               if registry.is_available(n, device) and (fused_ok or n == "torch")))
     elif not registry.is_available(backend.value, device):
         raise ValueError(
             f"backend {backend.value!r} is not available for {device.type} tensors "

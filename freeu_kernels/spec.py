@@ -42,6 +42,7 @@ class Backend(str, enum.Enum):
 
     AUTO = "auto"
     TORCH = "torch"
+    CPU = "cpu"
     TRITON = "triton"
     CUDA = "cuda"
 

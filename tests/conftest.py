@@ -125,7 +125,7 @@ def poisoned_outputs(monkeypatch):
         out = original(x, skip_channels)
         return out.fill_(float("nan"))
 
-    for name in ("torch_backend", "triton_backend", "cuda_backend"):
+    for name in ("torch_backend", "triton_backend", "c_abi"):
         try:
             module = importlib.import_module(f"freeu_kernels.backends.{name}")
         except Exception:  # the module's own optional dependency is missing

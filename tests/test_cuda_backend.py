@@ -21,7 +21,7 @@ import torch
 
 import freeu_kernels
 from freeu_kernels import fused_concat_reference
-from freeu_kernels.backends import cuda_backend
+from freeu_kernels.backends import c_abi, cuda_backend
 from freeu_kernels.reference import structure_map
 from freeu_kernels.spec import make_spec
 
@@ -157,8 +157,8 @@ def emu_run(lib, x, h, b, s, options, *, factors_by_pointer=False, factor_dtype=
 @pytest.mark.parametrize("name,xshape,ch,dtype,layout,options", CASES, ids=[c[0] for c in CASES])
 def test_emulated_kernel_matches_reference(emu, monkeypatch, name, xshape, ch, dtype, layout, options):
     # Poison the output allocation: every element the kernel fails to write stays NaN and fails the test.
-    real_allocate = cuda_backend.allocate_output
-    monkeypatch.setattr(cuda_backend, "allocate_output", lambda x, c: real_allocate(x, c).fill_(float("nan")))
+    real_allocate = c_abi.allocate_output
+    monkeypatch.setattr(c_abi, "allocate_output", lambda x, c: real_allocate(x, c).fill_(float("nan")))
     x, h, x64, h64 = make_case(xshape, ch, dtype, "cpu", layout=layout)
     b, s = 1.3, 0.7
     out = emu_run(emu, x, h, b, s, options)
@@ -318,8 +318,8 @@ def test_gpu_side_stream():
 
 @gpu
 def test_gpu_poisoned_output_is_fully_written(monkeypatch):
-    real_allocate = cuda_backend.allocate_output
-    monkeypatch.setattr(cuda_backend, "allocate_output", lambda x, c: real_allocate(x, c).fill_(float("nan")))
+    real_allocate = c_abi.allocate_output
+    monkeypatch.setattr(c_abi, "allocate_output", lambda x, c: real_allocate(x, c).fill_(float("nan")))
     for layout in ("contiguous", "channels_last", "strided"):
         x, h, x64, h64 = make_case((2, 8, 9, 16), 8, torch.float16, "cuda", layout=layout)
         out = freeu_kernels.fused_concat(x, h, 1.3, 0.7, backend="cuda")

@@ -16,6 +16,7 @@ from conftest import (
     oracle,
 )
 from freeu_kernels import fused_concat
+from freeu_kernels.spec import make_spec
 
 MATRIX = [(backend, dtype) for backend in BACKENDS for dtype in backend_dtypes(backend)]
 FACTORS = {"boost": (1.3, 0.4), "s_zero": (1.2, 0.0)}
@@ -134,7 +135,18 @@ def test_env_var_selects_backend(monkeypatch):
         freeu_kernels.resolve_backend(None, torch.device("cpu"))
 
 
-def test_available_backends_lists_torch_first_on_cpu():
+def test_available_backends_on_cpu_lead_with_the_fused_kernel_when_built():
+    """On CPU tensors "auto" is the fused C++ kernel when its library loads, else the torch backend."""
     names = freeu_kernels.available_backends("cpu")
-    assert names[0] == "torch"
-    assert freeu_kernels.resolve_backend("auto", torch.device("cpu")).value == "torch"
+    best = "cpu" if "cpu" in names else "torch"
+    assert names[0] == best and "torch" in names
+    assert freeu_kernels.resolve_backend("auto", torch.device("cpu")).value == best
+
+
+def test_auto_passes_over_fused_kernels_for_float64():
+    """float64 (gradcheck, references) is the torch backend's alone; "auto" must not pick a fused kernel."""
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    spec = make_spec(x, x)
+    assert freeu_kernels.resolve_backend("auto", torch.device("cpu"), spec).value == "torch"
+    out = fused_concat(x, x, 1.2, 0.5)
+    assert out.dtype == torch.float64

@@ -3,125 +3,44 @@
 The kernel lives in a plain shared library, ``freeu_kernels/_lib/libfreeu_kernels_cuda.so``, built by
 setup.py with nvcc. It includes no torch header: one binary serves every torch and Python version, and
 this module hands it raw pointers, sizes, int64 strides and the current CUDA stream through the C ABI of
-``csrc/freeu_fused_concat.h`` (:class:`_Args` mirrors that struct field for field). The launcher
+``csrc/freeu_fused_concat.h`` (c_abi.py fills it). The launcher
 allocates nothing and never synchronises, so a call can be captured in a CUDA graph; ``b`` and ``s``
 given as device tensors are read by the kernel through their pointers, so a graph replay sees their
 current values.
 
-Memory formats: the output follows x (spec.allocate_output). For a channels_last output the kernel walks
-channels fastest ("channels_last" mode), so x, h and the output are all read and written with coalesced
-16-byte vectors; an input whose fastest axis is not the mode's (say h contiguous while x is
-channels_last, or a view with a strided last dimension) is first copied into the mode's layout, which
-costs one extra read and write of that input. Every other stride pattern is handled by the kernel itself.
+Memory formats (c_abi.py): for a channels_last output the kernel walks channels fastest, so x, h and the
+output are all read and written with coalesced 16-byte vectors.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
-from ..spec import KERNEL_DTYPES, MAX_LOWRANK_FREQUENCIES_PER_AXIS, FreeUSpec, allocate_output, output_memory_format
+from ..spec import FreeUSpec
+from .c_abi import ABI_VERSION, KernelLibrary, launch, load_library
 
-__all__ = ["load_error", "fused_concat_cuda", "library_path", "launch", "load_library", "ENV_LIBRARY"]
+__all__ = ["load_error", "fused_concat_cuda", "library_path", "launch", "load_library", "ENV_LIBRARY",
+           "ABI_VERSION"]
 
 ENV_LIBRARY = "FREEU_KERNELS_CUDA_LIB"  # path of the shared library, overriding the packaged one
 LIBRARY_NAME = "libfreeu_kernels_cuda.so"
-ABI_VERSION = 1
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_MAX_AXIS = 1 << 30  # the kernel's bound on H and W (csrc: kMaxAxis)
-_MAX_SPAN = 1 << 62  # the largest element offset the kernel forms
-
-
-class _View(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("stride", ctypes.c_int64 * 5)]
-
-
-class _Args(ctypes.Structure):
-    """FreeuFusedConcatArgs of csrc/freeu_fused_concat.h, same fields, same order."""
-
-    _fields_ = [
-        ("abi_version", ctypes.c_int32),
-        ("dtype", ctypes.c_int32),
-        ("n", ctypes.c_int64),
-        ("cx", ctypes.c_int64),
-        ("ch", ctypes.c_int64),
-        ("f", ctypes.c_int64),
-        ("h", ctypes.c_int64),
-        ("w", ctypes.c_int64),
-        ("x", _View),
-        ("skip", _View),
-        ("out_x", _View),
-        ("out_skip", _View),
-        ("scale_map", ctypes.c_void_p),
-        ("map_stride", ctypes.c_int64 * 4),
-        ("window_start", ctypes.c_int64),
-        ("window_stop", ctypes.c_int64),
-        ("b_ptr", ctypes.c_void_p),
-        ("s_ptr", ctypes.c_void_p),
-        ("b_value", ctypes.c_double),
-        ("s_value", ctypes.c_double),
-        ("high_gain", ctypes.c_double),
-        ("b_is_f64", ctypes.c_int32),
-        ("s_is_f64", ctypes.c_int32),
-        ("version", ctypes.c_int32),
-        ("ky0", ctypes.c_int32),
-        ("ny", ctypes.c_int32),
-        ("kx0", ctypes.c_int32),
-        ("nx", ctypes.c_int32),
-        ("radial", ctypes.c_int32),
-        ("radius_sq", ctypes.c_int64),
-        ("channels_last", ctypes.c_int32),
-        ("num_sms", ctypes.c_int32),
-    ]
+_LIBRARY = KernelLibrary(LIBRARY_NAME, ENV_LIBRARY, "CUDA extension",
+                         "build it on a machine with nvcc and a CUDA build of torch: pip install -e . "
+                         "or python setup.py build_ext --inplace")
 
 
 def library_path() -> Path:
     """Where the compiled kernel library is looked for ($FREEU_KERNELS_CUDA_LIB overrides)."""
-    override = os.environ.get(ENV_LIBRARY)
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parent.parent / "_lib" / LIBRARY_NAME
+    return _LIBRARY.path()
 
 
-def load_library(path) -> ctypes.CDLL:
-    """Opens a library with the freeu C ABI (the CUDA one, or the CPU emulator of the tests) and checks it."""
-    lib = ctypes.CDLL(str(path))
-    lib.freeu_abi_version.restype = ctypes.c_int
-    lib.freeu_args_size.restype = ctypes.c_int64
-    lib.freeu_fused_concat.restype = ctypes.c_int
-    lib.freeu_fused_concat.argtypes = [ctypes.POINTER(_Args), ctypes.c_void_p]
-    lib.freeu_prepare.restype = ctypes.c_int
-    lib.freeu_error_string.restype = ctypes.c_char_p
-    lib.freeu_error_string.argtypes = [ctypes.c_int]
-    lib.freeu_kernel_info.restype = ctypes.c_int
-    lib.freeu_kernel_info.argtypes = [ctypes.c_int32] + [ctypes.POINTER(ctypes.c_int32)] * 3
-    version, size = lib.freeu_abi_version(), lib.freeu_args_size()
-    if version != ABI_VERSION or size != ctypes.sizeof(_Args):
-        raise OSError(
-            f"{path} has ABI version {version} and argument size {size}; this package expects "
-            f"{ABI_VERSION} and {ctypes.sizeof(_Args)} (rebuild it: pip install -e . or python setup.py build_ext --inplace)"
-        )
-    return lib
-
-
-@functools.lru_cache(maxsize=None)
 def _library() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
-    path = library_path()
-    if not path.exists():
-        return None, (
-            f"the CUDA extension was not built (no {path}; build it on a machine with nvcc and a CUDA build "
-            "of torch: pip install -e . or python setup.py build_ext --inplace)"
-        )
-    try:
-        return load_library(path), None
-    except OSError as exc:
-        return None, f"the CUDA extension could not be loaded: {exc}"
+    return _LIBRARY.load()
 
 
 def load_error() -> Optional[str]:
@@ -133,139 +52,13 @@ def load_error() -> Optional[str]:
     return _library()[1]
 
 
-def _view(t: torch.Tensor) -> _View:
-    """(N, C, F, H, W) element strides of a 4-D or 5-D tensor; a dimension of size 1 gets stride 0."""
-    sizes = list(t.shape)
-    strides = list(t.stride())
-    if t.dim() == 4:
-        sizes.insert(2, 1)
-        strides.insert(2, 0)
-    strides = [0 if size == 1 else stride for size, stride in zip(sizes, strides)]
-    return _View(t.data_ptr(), (ctypes.c_int64 * 5)(*strides))
-
-
-def _span(t: torch.Tensor) -> int:
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
-
-
-def _mode_layout(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """t, or a copy of it whose fastest axis is the one the kernel vectorises in this mode."""
-    if fmt == torch.contiguous_format:
-        fastest_ok = t.shape[-1] == 1 or t.stride(-1) == 1
-    else:
-        fastest_ok = t.shape[1] == 1 or t.stride(1) == 1
-    return t if fastest_ok else t.contiguous(memory_format=fmt)
-
-
-def _factor(name: str, value: torch.Tensor, device: torch.device, by_pointer: bool):
-    """(pointer, is_float64, value, keep-alive) for b or s: a CPU tensor by value, a device tensor by pointer."""
-    if not isinstance(value, torch.Tensor) or value.dim() != 0:
-        raise ValueError(f"{name} must be a 0-d tensor, got {type(value).__name__}")
-    if value.device.type == "cpu" and not by_pointer:
-        return None, 0, float(value.item()), None  # host value: no device access, no sync
-    if value.device != device:
-        raise ValueError(f"{name} must be on the CPU or on {device}, got {value.device}")
-    if value.dtype not in (torch.float32, torch.float64):
-        value = value.to(torch.float32)  # stream-ordered device op; kept alive until the launch is queued
-    return value.data_ptr(), int(value.dtype == torch.float64), 0.0, value
-
-
-def _check_sizes(spec: FreeUSpec, tensors) -> None:
-    if spec.height > _MAX_AXIS or spec.width > _MAX_AXIS:
-        raise ValueError(
-            f"x: planes of {spec.height} x {spec.width} exceed the CUDA kernel's 2^30 per axis; use backend='torch'"
-        )
-    if spec.uses_fft_fallback:
-        raise ValueError(
-            f"threshold={spec.threshold}: {spec.band.ny} x {spec.band.nx} frequencies exceed the kernel's "
-            f"{MAX_LOWRANK_FREQUENCIES_PER_AXIS} per axis (the op routes such masks to the torch FFT path)"
-        )
-    for name, t in tensors:
-        if any(stride < 0 for stride in t.stride()) or _span(t) >= _MAX_SPAN:
-            raise ValueError(f"{name}: strides {tuple(t.stride())} exceed the kernel's int64 addressing")
-
-
-def launch(lib: ctypes.CDLL, x: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: torch.Tensor, spec: FreeUSpec,
-           scale_map: Optional[torch.Tensor] = None, *, stream: int = 0, num_sms: int = 0,
-           factors_by_pointer: bool = False) -> torch.Tensor:
-    """Fills the C arguments from the tensors and runs ``freeu_fused_concat`` of ``lib`` on ``stream``.
-
-    Device-agnostic on purpose: with the CPU emulator library (tests) the same code runs on CPU tensors.
-    Raises TypeError for a dtype the kernel does not compute, ValueError for arguments it cannot address,
-    RuntimeError for a CUDA error.
-    """
-    if x.dtype not in _DTYPE_CODES:
-        raise TypeError(
-            f"x has dtype {x.dtype}; the CUDA kernel computes float16, bfloat16 and float32 "
-            "(use backend='torch' for float64)"
-        )
-    _check_sizes(spec, [("x", x), ("h", h)])
-    out = allocate_output(x, spec.skip_channels)
-    if out.numel() == 0:
-        return out
-    fmt = output_memory_format(x)
-    x_in = _mode_layout(x, fmt)
-    h_in = _mode_layout(h, fmt)
-    cx = spec.backbone_channels_total
-    out_x, out_h = out[:, :cx], out[:, cx:]
-    _check_sizes(spec, [("out", out)])
-
-    b_ptr, b_f64, b_val, b_keep = _factor("b", b, x.device, factors_by_pointer)
-    s_ptr, s_f64, s_val, s_keep = _factor("s", s, x.device, factors_by_pointer)
-    start, stop = spec.window
-    map_ptr, map_strides, map_keep = None, [0, 0, 0, 0], None
-    if spec.version == 2 and stop > start and cx > 0:
-        if scale_map is None:
-            raise ValueError("scale_map must be given for version 2 (the op computes it from x)")
-        map_keep = scale_map.to(device=x.device, dtype=torch.float32)
-        sizes, strides = list(map_keep.shape), list(map_keep.stride())
-        if map_keep.dim() == 3:
-            sizes.insert(1, 1)
-            strides.insert(1, 0)
-        if sizes != [spec.batch, spec.frames, spec.height, spec.width]:
-            raise ValueError(f"scale_map must have shape (N, [F,] H, W), got {tuple(map_keep.shape)}")
-        map_ptr, map_strides = map_keep.data_ptr(), [0 if n == 1 else st for n, st in zip(sizes, strides)]
-
-    band = spec.band
-    args = _Args(
-        abi_version=ABI_VERSION,
-        dtype=_DTYPE_CODES[x.dtype],
-        n=spec.batch, cx=cx, ch=spec.skip_channels, f=spec.frames, h=spec.height, w=spec.width,
-        x=_view(x_in), skip=_view(h_in), out_x=_view(out_x), out_skip=_view(out_h),
-        scale_map=map_ptr, map_stride=(ctypes.c_int64 * 4)(*map_strides),
-        window_start=start, window_stop=stop,
-        b_ptr=b_ptr, s_ptr=s_ptr, b_value=b_val, s_value=s_val, high_gain=float(spec.high_gain),
-        b_is_f64=b_f64, s_is_f64=s_f64, version=spec.version,
-        ky0=band.ky0, ny=band.ny, kx0=band.kx0, nx=band.nx,
-        radial=int(band.radial), radius_sq=band.radius_sq or 0,
-        channels_last=int(fmt != torch.contiguous_format), num_sms=int(num_sms),
-    )
-    code = lib.freeu_fused_concat(ctypes.byref(args), ctypes.c_void_p(stream or None))
-    del b_keep, s_keep, map_keep  # freed after queueing: the caching allocator orders reuse on this stream
-    if code != 0:
-        message = lib.freeu_error_string(code).decode(errors="replace")
-        if code < 0:
-            raise ValueError(f"the CUDA kernel rejected its arguments: {message} (code {code})")
-        raise RuntimeError(f"the CUDA kernel failed to launch: {message} (cudaError {code})")
-    return out
-
-
 _PREPARED = set()
 
 
 def fused_concat_cuda(x: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: torch.Tensor, spec: FreeUSpec,
                       scale_map: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The registry kernel (registry.py contract): one launch of the CUDA kernel on the current stream."""
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(
-            f"x has dtype {x.dtype}; the CUDA kernel computes float16, bfloat16 and float32 "
-            "(use backend='torch' for float64)"
-        )
-    if x.device.type != "cuda":
-        raise ValueError(f"x must be a CUDA tensor for the cuda backend, got device {x.device}")
-    lib, error = _library()
-    if lib is None:
-        raise RuntimeError(error)
+    lib = _LIBRARY.for_call(x, "cuda", "CUDA", "cuda")
     device = x.device
     with torch.cuda.device(device):
         if device.index not in _PREPARED and not torch.cuda.is_current_stream_capturing():

@@ -16,14 +16,18 @@ import torch
 
 # Automatic choice on CUDA tensors, best first. Triton leads because it is the backend CI exercises on
 # every submission (through its interpreter); the CUDA C++ kernel follows until GPU measurements in
-# bench/results/ show it ahead. Off CUDA, "auto" is always the torch backend: the Triton interpreter is
-# for tests, not for speed.
+# bench/results/ show it ahead. On CPU tensors the fused C++ kernel leads when it was built (measured
+# ahead of the torch backend in bench/results/cpu/); the Triton interpreter is for tests, not for speed.
+# Elsewhere (MPS, ...) "auto" is the torch backend. The fused kernels compute float16, bfloat16 and
+# float32 only; the automatic choice passes them over for other dtypes (spec.KERNEL_DTYPES).
 CUDA_PREFERENCE = ("triton", "cuda", "torch")
+CPU_PREFERENCE = ("cpu", "torch")
 # Every backend, in the order available_backends lists the ones outside the automatic choice.
-PREFERENCE_ORDER = ("torch", "triton", "cuda")
+PREFERENCE_ORDER = ("torch", "cpu", "triton", "cuda")
 
 _MODULES = {
     "torch": ("freeu_kernels.backends.torch_backend", "fused_concat_torch"),
+    "cpu": ("freeu_kernels.backends.cpu_backend", "fused_concat_cpu"),
     "triton": ("freeu_kernels.backends.triton_backend", "fused_concat_triton"),
     "cuda": ("freeu_kernels.backends.cuda_backend", "fused_concat_cuda"),
 }
@@ -46,6 +50,12 @@ def why_unavailable(name: str, device: torch.device) -> Optional[str]:
         if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
             return None
         return "Triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1"
+    if name == "cpu":
+        if device.type != "cpu":
+            return "the CPU C++ kernel runs on CPU tensors only"
+        from . import cpu_backend
+
+        return cpu_backend.load_error()
     if name == "cuda":
         if device.type != "cuda":
             return "the CUDA C++ kernel runs on CUDA tensors only"
@@ -62,7 +72,9 @@ def is_available(name: str, device: torch.device) -> bool:
 
 def auto_order(device: torch.device):
     """Backends the automatic choice tries for this device, best first."""
-    return CUDA_PREFERENCE if device.type == "cuda" else ("torch",)
+    if device.type == "cuda":
+        return CUDA_PREFERENCE
+    return CPU_PREFERENCE if device.type == "cpu" else ("torch",)
 
 
 def kernel(name: str) -> Callable:

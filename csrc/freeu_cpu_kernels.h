@@ -1,0 +1,442 @@
+// The plane kernels of freeu_cpu.cpp, included there once per instruction set inside
+// `namespace FREEU_CPU_NS` (no include guard on purpose). Not a public header.
+//
+// Skip plane, with the plane held in a float32 buffer between its two sweeps:
+//   sweep 1, row y:  plane[y] = h[y];  Vc_i += cos(2 pi ky_i y / H) h[y],  Vs_i += sin(...) h[y]   (vectors of W)
+//   per plane:       Scc_ij = Vc_i . cos_x_j,  Scs_ij = Vc_i . sin_x_j,  Ssc_ij = Vs_i . cos_x_j,  Sss_ij = Vs_i . sin_x_j
+//                    Qr = w g (Scc - Sss),  Qi = w g (Ssc + Scs)                    (g = (s - g_hi) / (H W))
+//                    A_i = sum_j Qr_ij cos_x_j + Qi_ij sin_x_j,  B_i = sum_j Qi_ij cos_x_j - Qr_ij sin_x_j
+//   sweep 2, row y:  out[y] = g_hi plane[y] + sum_i cos(2 pi ky_i y / H) A_i + sin(...) B_i
+// so the per-element work is 2 ny multiply-adds per sweep, all in loops over x with no reduction; the
+// horizontal reductions happen once per plane. NY is a template argument for the common bands (1 and 2
+// rows of frequencies: threshold 1), which lets the compiler keep the sweeps as single fused loops.
+
+namespace FREEU_CPU_NS {
+
+template <class T> inline const T* plane_at(const FreeuView& v, int64_t n, int64_t c, int64_t f) {
+    return static_cast<const T*>(v.data) + n * v.stride[0] + c * v.stride[1] + f * v.stride[2];
+}
+template <class T> inline T* plane_at_mut(const FreeuView& v, int64_t n, int64_t c, int64_t f) {
+    return static_cast<T*>(v.data) + n * v.stride[0] + c * v.stride[1] + f * v.stride[2];
+}
+
+template <class T> inline void load_row(const T* plane, const FreeuView& v, int64_t y, int64_t w, float* dst) {
+    const T* row = plane + y * v.stride[3];
+    const int64_t sw = v.stride[4];
+    if (sw == 1 || w == 1) {
+#pragma omp simd
+        for (int64_t x = 0; x < w; ++x) dst[x] = to_float(row[x]);
+    } else {
+        for (int64_t x = 0; x < w; ++x) dst[x] = to_float(row[x * sw]);
+    }
+}
+
+template <class T> inline void store_row(T* plane, const FreeuView& v, int64_t y, int64_t w, const float* src) {
+    T* row = plane + y * v.stride[3];
+    const int64_t sw = v.stride[4];
+    if (sw == 1 || w == 1) {
+#pragma omp simd
+        for (int64_t x = 0; x < w; ++x) row[x] = from_float<T>(src[x]);
+    } else {
+        for (int64_t x = 0; x < w; ++x) row[x * sw] = from_float<T>(src[x]);
+    }
+}
+
+// A whole plane into the float32 buffer (rows of W), or back: one flat loop when the plane is contiguous.
+template <class T> inline void load_plane(const T* plane, const FreeuView& v, int64_t h, int64_t w, float* dst) {
+    if ((v.stride[4] == 1 || w == 1) && (v.stride[3] == w || h == 1)) {
+        const int64_t count = h * w;
+#pragma omp simd
+        for (int64_t i = 0; i < count; ++i) dst[i] = to_float(plane[i]);
+        return;
+    }
+    for (int64_t y = 0; y < h; ++y) load_row(plane, v, y, w, dst + y * w);
+}
+
+template <class T> inline void store_plane(T* plane, const FreeuView& v, int64_t h, int64_t w, const float* src) {
+    if ((v.stride[4] == 1 || w == 1) && (v.stride[3] == w || h == 1)) {
+        const int64_t count = h * w;
+#pragma omp simd
+        for (int64_t i = 0; i < count; ++i) plane[i] = from_float<T>(src[i]);
+        return;
+    }
+    for (int64_t y = 0; y < h; ++y) store_row(plane, v, y, w, src + y * w);
+}
+
+// Row pitch of the plane buffer for the strip path: W rounded up to whole strips, so a strip's row is
+// always a full vector in the buffer.
+inline int64_t padded(int64_t w) { return (w + 15) / 16 * 16; }
+
+// Per-thread buffers, sized once per call.
+struct Scratch {
+    std::vector<float> plane, row, vc, vs, a, b;
+    explicit Scratch(const FreeuFusedConcatArgs& args)
+        : plane(size_t(args.h) * size_t(padded(args.w))), row(size_t(args.w)), vc(size_t(args.ny) * size_t(args.w)),
+          vs(vc.size()), a(vc.size()), b(vc.size()) {}
+};
+
+// Sixteen lanes as one GCC vector (an AVX-512 register, two AVX2 or four SSE registers): accumulators
+// declared as such stay in registers across a loop, which the compiler does not do for arrays.
+constexpr int kLanes = 16;
+typedef float Lanes __attribute__((vector_size(64)));
+typedef uint32_t LanesU32 __attribute__((vector_size(64)));
+typedef uint16_t LanesU16 __attribute__((vector_size(32)));
+typedef _Float16 LanesF16 __attribute__((vector_size(32)));
+
+inline Lanes load_lanes(const float* p) {
+    Lanes v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline Lanes load_lanes(const Bf16* p) {
+    LanesU16 bits;
+    std::memcpy(&bits, p, sizeof bits);
+    const LanesU32 wide = __builtin_convertvector(bits, LanesU32) << 16;
+    Lanes v;
+    std::memcpy(&v, &wide, sizeof v);
+    return v;
+}
+inline Lanes load_lanes(const _Float16* p) {
+    LanesF16 h;
+    std::memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, Lanes);
+}
+inline void store_lanes(float* p, Lanes v) { std::memcpy(p, &v, sizeof v); }
+inline void store_lanes(Bf16* p, Lanes v) {
+    LanesU32 u;
+    std::memcpy(&u, &v, sizeof u);
+    const LanesU32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+    const LanesU32 quiet_nan = (u >> 16) | 0x40u;
+    const LanesU16 bits = __builtin_convertvector(v != v ? quiet_nan : rounded, LanesU16);
+    std::memcpy(p, &bits, sizeof bits);
+}
+inline void store_lanes(_Float16* p, Lanes v) {
+    const LanesF16 h = __builtin_convertvector(v, LanesF16);
+    std::memcpy(p, &h, sizeof h);
+}
+
+// The first `lanes` (< kLanes) elements, zeros after them; and the way back. Through a small buffer, so
+// nothing past the row is touched; the common widths are fixed-size copies the compiler inlines.
+template <class T> inline void copy_few(T* dst, const T* src, int count) {
+    switch (count) {
+        case 8: std::memcpy(dst, src, 8 * sizeof(T)); break;
+        case 4: std::memcpy(dst, src, 4 * sizeof(T)); break;
+        default: std::memcpy(dst, src, size_t(count) * sizeof(T)); break;
+    }
+}
+template <class T> inline Lanes load_partial(const T* p, int lanes) {
+    T tmp[kLanes] = {};
+    copy_few(tmp, p, lanes);
+    return load_lanes(tmp);
+}
+template <class T> inline void store_partial(T* p, Lanes v, int lanes) {
+    T tmp[kLanes];
+    store_lanes(tmp, v);
+    copy_few(p, tmp, lanes);
+}
+
+// y = x * scale over n contiguous elements: kLanes at a time, then the tail.
+template <class T> inline void scale_contiguous(const T* in, T* out, int64_t n, float scale) {
+    int64_t x = 0;
+    for (; x + kLanes <= n; x += kLanes) store_lanes(out + x, load_lanes(in + x) * scale);
+    for (; x < n; ++x) out[x] = from_float<T>(to_float(in[x]) * scale);
+}
+
+template <class T> void backbone_plane(const Plan& p, int64_t n, int64_t c, int64_t f, Scratch& scratch) {
+    const FreeuFusedConcatArgs& a = *p.a;
+    const T* src = plane_at<T>(a.x, n, c, f);
+    T* dst = plane_at_mut<T>(a.out_x, n, c, f);
+    float* row = scratch.row.data();
+    const bool scaled = c >= a.window_start && c < a.window_stop;
+    const bool mapped = scaled && a.version == 2;
+    const bool flat = (a.w == 1 || (a.x.stride[4] == 1 && a.out_x.stride[4] == 1)) &&
+                      (a.h == 1 || (a.x.stride[3] == a.w && a.out_x.stride[3] == a.w));
+    if (flat && !mapped) {  // the whole plane as one contiguous run
+        if (scaled) {
+            scale_contiguous(src, dst, a.h * a.w, p.b);
+        } else {
+            std::memcpy(dst, src, sizeof(T) * size_t(a.h * a.w));
+        }
+        return;
+    }
+    for (int64_t y = 0; y < a.h; ++y) {
+        if (!scaled) {  // outside the window: a bit-exact copy
+            const T* in = src + y * a.x.stride[3];
+            T* out = dst + y * a.out_x.stride[3];
+            if ((a.x.stride[4] == 1 && a.out_x.stride[4] == 1) || a.w == 1) {
+                std::memcpy(out, in, sizeof(T) * size_t(a.w));
+            } else {
+                for (int64_t x = 0; x < a.w; ++x) out[x * a.out_x.stride[4]] = in[x * a.x.stride[4]];
+            }
+            continue;
+        }
+        load_row(src, a.x, y, a.w, row);
+        if (mapped) {
+            const float* map = a.scale_map + n * a.map_stride[0] + f * a.map_stride[1] + y * a.map_stride[2];
+            const int64_t ms = a.map_stride[3];
+            for (int64_t x = 0; x < a.w; ++x) row[x] *= map[x * ms];
+        } else {
+            const float b = p.b;
+#pragma omp simd
+            for (int64_t x = 0; x < a.w; ++x) row[x] *= b;
+        }
+        store_row(dst, a.out_x, y, a.w, row);
+    }
+}
+
+// Sweep 1 of one row: keep it, and add it into the column moments (NY > 0: fixed count, fused loop).
+template <int NY> inline void accumulate_row(const float* h, int64_t w, const float* cy, const float* sy, float* vc,
+                                             float* vs, int ny) {
+    if constexpr (NY > 0) {
+#pragma omp simd
+        for (int64_t x = 0; x < w; ++x) {
+            const float v = h[x];
+            for (int i = 0; i < NY; ++i) {
+                vc[i * w + x] += cy[i] * v;
+                vs[i * w + x] += sy[i] * v;
+            }
+        }
+    } else {
+        for (int i = 0; i < ny; ++i) {
+            const float c = cy[i], s = sy[i];
+            float* vci = vc + i * w;
+            float* vsi = vs + i * w;
+#pragma omp simd
+            for (int64_t x = 0; x < w; ++x) {
+                vci[x] += c * h[x];
+                vsi[x] += s * h[x];
+            }
+        }
+    }
+}
+
+// Sweep 2 of one row, in place: h = g_hi h + sum_i cy_i A_i + sy_i B_i.
+template <int NY> inline void update_row(float* h, int64_t w, float g, const float* cy, const float* sy,
+                                         const float* a, const float* b, int ny) {
+    if constexpr (NY > 0) {
+#pragma omp simd
+        for (int64_t x = 0; x < w; ++x) {
+            float acc = g * h[x];
+            for (int i = 0; i < NY; ++i) acc += cy[i] * a[i * w + x] + sy[i] * b[i * w + x];
+            h[x] = acc;
+        }
+    } else {
+#pragma omp simd
+        for (int64_t x = 0; x < w; ++x) h[x] *= g;
+        for (int i = 0; i < ny; ++i) {
+            const float c = cy[i], s = sy[i];
+            const float* ai = a + i * w;
+            const float* bi = b + i * w;
+#pragma omp simd
+            for (int64_t x = 0; x < w; ++x) h[x] += c * ai[x] + s * bi[x];
+        }
+    }
+}
+
+inline float dot(const float* u, const float* v, int64_t w) {
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t x = 0; x < w; ++x) acc += u[x] * v[x];
+    return acc;
+}
+
+// The masked coefficients of a plane from its column moments vc, vs (ny x W each), folded into the
+// update's coefficient rows ra, rb (ny x W each). Twiddle rows that are identically zero (the sine of
+// frequency 0, and of the Nyquist frequency of an even size) are skipped: their moments are zero.
+inline void coefficient_rows(const Plan& p, int ny, int nx, int64_t W, const float* vc, const float* vs, float* ra,
+                             float* rb) {
+    std::fill(ra, ra + size_t(ny) * W, 0.f);
+    std::fill(rb, rb + size_t(ny) * W, 0.f);
+    for (int i = 0; i < ny; ++i) {
+        const float* vci = vc + i * W;
+        const float* vsi = vs + i * W;
+        const bool sin_y = p.sin_y_nonzero[size_t(i)];
+        for (int j = 0; j < nx; ++j) {
+            const double w = double(p.weight[size_t(i) * nx + j]) * double(p.s_gain);
+            if (w == 0.0) continue;
+            const float* cx = p.cos_x.data() + size_t(j) * padded(W);
+            const float* sx = p.sin_x.data() + size_t(j) * padded(W);
+            const bool sin_x = p.sin_x_nonzero[size_t(j)];
+            const double scc = dot(vci, cx, W);
+            const double scs = sin_x ? dot(vci, sx, W) : 0.0;
+            const double ssc = sin_y ? dot(vsi, cx, W) : 0.0;
+            const double sss = sin_y && sin_x ? dot(vsi, sx, W) : 0.0;
+            const float qr = float(w * (scc - sss)), qi = float(w * (ssc + scs));
+            float* ai = ra + i * W;
+            float* bi = rb + i * W;
+#pragma omp simd
+            for (int64_t x = 0; x < W; ++x) {
+                ai[x] += qr * cx[x] + qi * sx[x];
+                bi[x] += qi * cx[x] - qr * sx[x];
+            }
+        }
+    }
+}
+
+typedef float Lanes8 __attribute__((vector_size(32)));
+typedef float Lanes4 __attribute__((vector_size(16)));
+
+inline float horizontal_sum(Lanes v) {  // a halving tree: 4 adds instead of 15
+    const Lanes8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                      __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const Lanes4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+    return (h4[0] + h4[2]) + (h4[1] + h4[3]);
+}
+
+// Skip plane whose rows are contiguous in x (input and output), for a band of NY > 0 rows of
+// frequencies. The plane is walked in column strips of kLanes: sweep 1 keeps a strip's column moments
+// (Vc_i, Vs_i) in registers over all its rows and folds them into the (i, j) moment lanes right away;
+// the horizontal sums happen once per plane; sweep 2 forms the strip's update coefficients (A_i, B_i)
+// from the twiddles and writes the output rows directly. A last strip narrower than kLanes goes
+// through the same math one lane at a time.
+template <class T, int NY> void skip_plane_strips(const Plan& p, const T* src, T* dst, Scratch& scratch) {
+    const FreeuFusedConcatArgs& a = *p.a;
+    const int64_t H = a.h, W = a.w, src_row = a.skip.stride[3], dst_row = a.out_skip.stride[3];
+    const int nx = p.nx;
+    float* plane = scratch.plane.data();
+    const float* cos_y = p.cos_y.data();
+    const float* sin_y = p.sin_y.data();
+    const float* cos_x = p.cos_x.data();
+    const float* sin_x = p.sin_x.data();
+    // moments[i][j] lanes: Scc, Scs, Ssc, Sss partial sums.
+    Lanes moments[NY][kMaxFrequencies][4];
+    for (int i = 0; i < NY; ++i)
+        for (int j = 0; j < nx; ++j)
+            for (int k = 0; k < 4; ++k) moments[i][j][k] = Lanes{};
+    const int64_t pitch = padded(W);
+    for (int64_t x0 = 0; x0 < W; x0 += kLanes) {
+        const int lanes = int(std::min<int64_t>(kLanes, W - x0));
+        Lanes acc_c[NY] = {}, acc_s[NY] = {};
+        for (int64_t y = 0; y < H; ++y) {
+            const T* in = src + y * src_row + x0;
+            const Lanes v = lanes == kLanes ? load_lanes(in) : load_partial(in, lanes);
+            store_lanes(plane + y * pitch + x0, v);
+            for (int i = 0; i < NY; ++i) {
+                acc_c[i] += cos_y[i * H + y] * v;
+                acc_s[i] += sin_y[i * H + y] * v;
+            }
+        }
+        for (int j = 0; j < nx; ++j) {
+            const Lanes cx = load_lanes(cos_x + j * pitch + x0), sx = load_lanes(sin_x + j * pitch + x0);
+            for (int i = 0; i < NY; ++i) {
+                moments[i][j][0] += acc_c[i] * cx;
+                moments[i][j][1] += acc_c[i] * sx;
+                moments[i][j][2] += acc_s[i] * cx;
+                moments[i][j][3] += acc_s[i] * sx;
+            }
+        }
+    }
+    float qr[NY][kMaxFrequencies], qi[NY][kMaxFrequencies];
+    for (int i = 0; i < NY; ++i) {
+        for (int j = 0; j < nx; ++j) {
+            const double w = double(p.weight[size_t(i) * nx + j]) * double(p.s_gain);
+            const double scc = horizontal_sum(moments[i][j][0]), scs = horizontal_sum(moments[i][j][1]);
+            const double ssc = horizontal_sum(moments[i][j][2]), sss = horizontal_sum(moments[i][j][3]);
+            qr[i][j] = float(w * (scc - sss));
+            qi[i][j] = float(w * (ssc + scs));
+        }
+    }
+    const float g = p.high_gain;
+    for (int64_t x0 = 0; x0 < W; x0 += kLanes) {
+        const int lanes = int(std::min<int64_t>(kLanes, W - x0));
+        Lanes ca[NY] = {}, cb[NY] = {};
+        for (int j = 0; j < nx; ++j) {
+            const Lanes cx = load_lanes(cos_x + j * pitch + x0), sx = load_lanes(sin_x + j * pitch + x0);
+            for (int i = 0; i < NY; ++i) {
+                ca[i] += qr[i][j] * cx + qi[i][j] * sx;
+                cb[i] += qi[i][j] * cx - qr[i][j] * sx;
+            }
+        }
+        for (int64_t y = 0; y < H; ++y) {
+            Lanes acc = g * load_lanes(plane + y * pitch + x0);
+            for (int i = 0; i < NY; ++i) acc += cos_y[i * H + y] * ca[i] + sin_y[i * H + y] * cb[i];
+            T* out = dst + y * dst_row + x0;
+            if (lanes == kLanes) {
+                store_lanes(out, acc);
+            } else {
+                store_partial(out, acc, lanes);
+            }
+        }
+    }
+}
+
+// Any skip plane: any strides, any band. Row sweeps over the float32 plane buffer.
+template <class T> void skip_plane_rows(const Plan& p, const T* src, T* dst, Scratch& scratch) {
+    const FreeuFusedConcatArgs& a = *p.a;
+    const int64_t H = a.h, W = a.w;
+    const int ny = p.ny;
+    float* plane = scratch.plane.data();
+    float* vc = scratch.vc.data();
+    float* vs = scratch.vs.data();
+    std::fill(vc, vc + size_t(ny) * W, 0.f);
+    std::fill(vs, vs + size_t(ny) * W, 0.f);
+    float cy[kMaxFrequencies], sy[kMaxFrequencies];
+    load_plane(src, a.skip, H, W, plane);
+    for (int64_t y = 0; y < H; ++y) {
+        for (int i = 0; i < ny; ++i) cy[i] = p.cos_y[size_t(i) * H + y], sy[i] = p.sin_y[size_t(i) * H + y];
+        accumulate_row<0>(plane + y * W, W, cy, sy, vc, vs, ny);
+    }
+    float* ra = scratch.a.data();
+    float* rb = scratch.b.data();
+    coefficient_rows(p, ny, p.nx, W, vc, vs, ra, rb);
+    for (int64_t y = 0; y < H; ++y) {
+        for (int i = 0; i < ny; ++i) cy[i] = p.cos_y[size_t(i) * H + y], sy[i] = p.sin_y[size_t(i) * H + y];
+        update_row<0>(plane + y * W, W, p.high_gain, cy, sy, ra, rb, ny);
+    }
+    store_plane(dst, a.out_skip, H, W, plane);
+}
+
+template <class T> void skip_plane(const Plan& p, int64_t n, int64_t c, int64_t f, Scratch& scratch) {
+    const FreeuFusedConcatArgs& a = *p.a;
+    const T* src = plane_at<T>(a.skip, n, c, f);
+    T* dst = plane_at_mut<T>(a.out_skip, n, c, f);
+    if (p.ny == 0 || p.nx == 0) {  // empty mask: every frequency has gain g_hi
+        float* row = scratch.row.data();
+        for (int64_t y = 0; y < a.h; ++y) {
+            load_row(src, a.skip, y, a.w, row);
+            const float g = p.high_gain;
+#pragma omp simd
+            for (int64_t x = 0; x < a.w; ++x) row[x] *= g;
+            store_row(dst, a.out_skip, y, a.w, row);
+        }
+        return;
+    }
+    const bool rows_contiguous = (a.skip.stride[4] == 1 && a.out_skip.stride[4] == 1) || a.w == 1;
+    if (rows_contiguous && p.ny == 1) return skip_plane_strips<T, 1>(p, src, dst, scratch);
+    if (rows_contiguous && p.ny == 2) return skip_plane_strips<T, 2>(p, src, dst, scratch);
+    skip_plane_rows<T>(p, src, dst, scratch);
+}
+
+template <class T> void run_items_typed(const Plan& p, std::atomic<int64_t>& next, int64_t total) {
+    const FreeuFusedConcatArgs& a = *p.a;
+    Scratch scratch(a);
+    const int64_t backbone_per_sample = a.cx * a.f;
+    const int64_t skip_per_sample = a.ch * a.f;
+    constexpr int64_t kBlock = 8;  // items taken at once: few atomic operations, even balance
+    for (;;) {
+        const int64_t begin = next.fetch_add(kBlock, std::memory_order_relaxed);
+        if (begin >= total) return;
+        const int64_t end = std::min(total, begin + kBlock);
+        for (int64_t item = begin; item < end; ++item) {
+            if (item < p.backbone_items) {
+                const int64_t n = item / backbone_per_sample, rest = item % backbone_per_sample;
+                backbone_plane<T>(p, n, rest / a.f, rest % a.f, scratch);
+            } else {
+                const int64_t k = item - p.backbone_items;
+                const int64_t n = k / skip_per_sample, rest = k % skip_per_sample;
+                skip_plane<T>(p, n, rest / a.f, rest % a.f, scratch);
+            }
+        }
+    }
+}
+
+// One thread's share of a call: items taken from `next` until `total`.
+inline void run_items(const Plan& p, std::atomic<int64_t>& next, int64_t total) {
+    switch (p.a->dtype) {
+        case FREEU_DTYPE_FLOAT32: run_items_typed<float>(p, next, total); break;
+        case FREEU_DTYPE_FLOAT16: run_items_typed<_Float16>(p, next, total); break;
+        default: run_items_typed<Bf16>(p, next, total); break;
+    }
+}
+
+}  // namespace FREEU_CPU_NS

@@ -1,0 +1,63 @@
+"""The "cpu" backend: the fused C++ kernel of csrc/freeu_cpu.cpp on host threads, through ctypes.
+
+It is the CUDA kernel's C ABI (csrc/freeu_fused_concat.h, filled by c_abi.launch) implemented for the
+host: one call writes the whole output, each input element is read once and each output element written
+once, with the skip plane held in a float32 buffer between its moments and its update. It exists because
+the pure-PyTorch backend cannot be that: on the CPU, torch.cat of bfloat16 is a memory copy, and any
+chain of PyTorch ops that filters the skip tensor makes several full passes with kernels slower than a
+copy (bench/results/cpu/report.md has both side by side).
+
+The library, ``freeu_kernels/_lib/libfreeu_kernels_cpu.so``, is built by setup.py with the system C++
+compiler (g++ or clang++, C++17 with _Float16); $FREEU_KERNELS_CPU_LIB points at another build. Threads:
+``torch.get_num_threads()``, so ``torch.set_num_threads`` governs this backend like PyTorch's own CPU ops.
+Planes whose rows are contiguous take the vectorised column-strip path; any other stride pattern (views,
+channels_last, whose planes are strided by the channel count) is computed correctly, more slowly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import torch
+
+from ..spec import FreeUSpec
+from .c_abi import KernelLibrary, launch
+
+__all__ = ["ENV_ISA", "ENV_LIBRARY", "LIBRARY_NAME", "fused_concat_cpu", "isa", "library_path", "load_error"]
+
+ENV_LIBRARY = "FREEU_KERNELS_CPU_LIB"  # path of the shared library, overriding the packaged one
+# The library carries the kernels compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and the baseline and
+# runs the widest the processor has; this variable names a narrower one (the tests run each).
+ENV_ISA = "FREEU_KERNELS_CPU_ISA"
+LIBRARY_NAME = "libfreeu_kernels_cpu.so"
+
+_LIBRARY = KernelLibrary(LIBRARY_NAME, ENV_LIBRARY, "CPU kernel library",
+                         "build it with a C++17 compiler that has _Float16 (g++ >= 12 or clang++ >= 15): "
+                         "pip install -e . or python setup.py build_ext --inplace")
+
+
+def library_path():
+    """Where the compiled kernel library is looked for ($FREEU_KERNELS_CPU_LIB overrides)."""
+    return _LIBRARY.path()
+
+
+def load_error() -> Optional[str]:
+    """None when the CPU kernel library is loaded, else the reason it is not."""
+    return _LIBRARY.load()[1]
+
+
+def isa() -> Optional[str]:
+    """The kernel copy calls run now ("x86-64-v4", "x86-64-v3" or "baseline"), or None without the library."""
+    lib = _LIBRARY.load()[0]
+    if lib is None:
+        return None
+    lib.freeu_cpu_isa.restype = ctypes.c_char_p
+    return lib.freeu_cpu_isa().decode()
+
+
+def fused_concat_cpu(x: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: torch.Tensor, spec: FreeUSpec,
+                     scale_map: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The registry kernel (registry.py contract): one call of the CPU kernel on torch's thread count."""
+    lib = _LIBRARY.for_call(x, "cpu", "CPU", "cpu")
+    return launch(lib, x, h, b, s, spec, scale_map, num_sms=torch.get_num_threads(), kernel="CPU")

@@ -1,0 +1,90 @@
+"""The "cpu" backend (csrc/freeu_cpu.cpp): what the shared matrix does not cover.
+
+The shared test matrix (test_fused_concat, test_variants, test_errors, test_properties, ...) runs this
+backend like every other one whenever its library is built. Here: that CI did build it, every compiled
+instruction-set copy of the kernels against the oracle, and results that do not depend on the number
+of threads.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import freeu_kernels
+from conftest import assert_matches_oracle, oracle
+from freeu_kernels import fused_concat
+from freeu_kernels.backends import cpu_backend
+
+needs_library = pytest.mark.skipif(cpu_backend.load_error() is not None,
+                                   reason=f"CPU kernel library not built ({cpu_backend.load_error()})")
+
+ISAS = ("baseline", "x86-64-v3", "x86-64-v4")
+
+
+def test_library_was_built_where_ci_expects_it():
+    """.ci/run sets FREEU_KERNELS_EXPECT_CPU_KERNEL=1: there the backend must not silently go missing."""
+    if os.environ.get("FREEU_KERNELS_EXPECT_CPU_KERNEL") != "1":
+        pytest.skip("FREEU_KERNELS_EXPECT_CPU_KERNEL is not set")
+    assert cpu_backend.load_error() is None
+    assert freeu_kernels.available_backends("cpu")[0] == "cpu"
+
+
+@needs_library
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,threshold,options", [
+    ((2, 6, 24, 40), 1, {}),                                   # column strips of 16, 16 and a tail of 8
+    ((1, 3, 1, 37), 1, dict(mask="radial")),                   # one frequency row
+    ((1, 4, 20, 18), 3, dict(high_gain=1.2, version=2)),       # six rows: the generic row sweeps
+    ((2, 5, 2, 16, 16), 2, dict(backbone_channels=(1, 4))),    # 5-D, one full strip
+])
+def test_every_instruction_set_copy_matches_oracle(monkeypatch, isa, dtype, shape, threshold, options):
+    monkeypatch.setenv(cpu_backend.ENV_ISA, isa)
+    if cpu_backend.isa() != isa:
+        pytest.skip(f"this processor does not run the {isa} copy")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    h = (torch.randn(shape, generator=gen) + 2.0).to(dtype)
+    out = fused_concat(x, h, 1.3, 0.4, threshold=threshold, backend="cpu", **options)
+    assert_matches_oracle(out, oracle(x, h, 1.3, 0.4, threshold, **options), dtype)
+
+
+@needs_library
+def test_unknown_isa_name_falls_back_to_the_widest(monkeypatch):
+    widest = cpu_backend.isa()
+    monkeypatch.setenv(cpu_backend.ENV_ISA, "no-such-isa")
+    assert cpu_backend.isa() == widest
+
+
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_result_does_not_depend_on_thread_count(dtype):
+    """Each plane is computed by one thread, whole: 1, 2 or 3 threads give the same bits."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 12, 20, generator=gen).to(dtype)
+    h = torch.randn(2, 9, 12, 20, generator=gen).to(dtype)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(fused_concat(x, h, 1.2, 0.3, backend="cpu"))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@needs_library
+def test_float64_is_a_type_error_naming_torch_backend():
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"float64.*backend='torch'"):
+        fused_concat(x, x, 1.2, 0.3, backend="cpu")
+
+
+def test_cpu_backend_is_unavailable_for_other_devices():
+    from freeu_kernels.backends import registry
+
+    assert "CPU tensors" in registry.why_unavailable("cpu", torch.device("meta"))
