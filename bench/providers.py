@@ -35,6 +35,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 import freeu_kernels
+from freeu_kernels.backends import registry
 
 from .cases import Case
 
@@ -238,7 +239,7 @@ def all_providers(device: torch.device) -> List[Provider]:
                  computes_freeu=False),
         Provider(REFERENCE, "freeu_kernels.fused_concat_reference: the official FFT path", _prepare_reference),
     ]
-    for backend in ("torch", "triton", "cuda"):
+    for backend in registry.PREFERENCE_ORDER:
         providers.append(Provider(fused_provider_name(backend), f"freeu_kernels.fused_concat(backend={backend!r})",
                                   _prepare_fused(backend), unavailable=_fused_unavailable(backend)))
     return providers

@@ -289,7 +289,9 @@ inline float horizontal_sum(Lanes v) {  // a halving tree: 4 adds instead of 15
 // the horizontal sums happen once per plane; sweep 2 forms the strip's update coefficients (A_i, B_i)
 // from the twiddles and writes the output rows directly. A last strip narrower than kLanes goes
 // through the same math one lane at a time.
-template <class T, int NY> void skip_plane_strips(const Plan& p, const T* src, T* dst, Scratch& scratch) {
+// LAST_SINE_ZERO: the band's last frequency row is ky = 0 (every threshold-1 band), whose sine row is
+// identically zero; its sine moments and sine update terms are then left out at compile time.
+template <class T, int NY, bool LAST_SINE_ZERO> void skip_plane_strips(const Plan& p, const T* src, T* dst, Scratch& scratch) {
     const FreeuFusedConcatArgs& a = *p.a;
     const int64_t H = a.h, W = a.w, src_row = a.skip.stride[3], dst_row = a.out_skip.stride[3];
     const int nx = p.nx;
@@ -313,16 +315,18 @@ template <class T, int NY> void skip_plane_strips(const Plan& p, const T* src, T
             store_lanes(plane + y * pitch + x0, v);
             for (int i = 0; i < NY; ++i) {
                 acc_c[i] += cos_y[i * H + y] * v;
-                acc_s[i] += sin_y[i * H + y] * v;
+                if (!(LAST_SINE_ZERO && i == NY - 1)) acc_s[i] += sin_y[i * H + y] * v;
             }
         }
         for (int j = 0; j < nx; ++j) {
             const Lanes cx = load_lanes(cos_x + j * pitch + x0), sx = load_lanes(sin_x + j * pitch + x0);
+            const bool sine_x = p.sin_x_nonzero[size_t(j)];
             for (int i = 0; i < NY; ++i) {
+                const bool sine_y = !(LAST_SINE_ZERO && i == NY - 1);
                 moments[i][j][0] += acc_c[i] * cx;
-                moments[i][j][1] += acc_c[i] * sx;
-                moments[i][j][2] += acc_s[i] * cx;
-                moments[i][j][3] += acc_s[i] * sx;
+                if (sine_x) moments[i][j][1] += acc_c[i] * sx;
+                if (sine_y) moments[i][j][2] += acc_s[i] * cx;
+                if (sine_x && sine_y) moments[i][j][3] += acc_s[i] * sx;
             }
         }
     }
@@ -330,8 +334,11 @@ template <class T, int NY> void skip_plane_strips(const Plan& p, const T* src, T
     for (int i = 0; i < NY; ++i) {
         for (int j = 0; j < nx; ++j) {
             const double w = double(p.weight[size_t(i) * nx + j]) * double(p.s_gain);
-            const double scc = horizontal_sum(moments[i][j][0]), scs = horizontal_sum(moments[i][j][1]);
-            const double ssc = horizontal_sum(moments[i][j][2]), sss = horizontal_sum(moments[i][j][3]);
+            const bool sine_x = p.sin_x_nonzero[size_t(j)], sine_y = !(LAST_SINE_ZERO && i == NY - 1);
+            const double scc = horizontal_sum(moments[i][j][0]);
+            const double scs = sine_x ? horizontal_sum(moments[i][j][1]) : 0.0;
+            const double ssc = sine_y ? horizontal_sum(moments[i][j][2]) : 0.0;
+            const double sss = sine_x && sine_y ? horizontal_sum(moments[i][j][3]) : 0.0;
             qr[i][j] = float(w * (scc - sss));
             qi[i][j] = float(w * (ssc + scs));
         }
@@ -349,7 +356,10 @@ template <class T, int NY> void skip_plane_strips(const Plan& p, const T* src, T
         }
         for (int64_t y = 0; y < H; ++y) {
             Lanes acc = g * load_lanes(plane + y * pitch + x0);
-            for (int i = 0; i < NY; ++i) acc += cos_y[i * H + y] * ca[i] + sin_y[i * H + y] * cb[i];
+            for (int i = 0; i < NY; ++i) {
+                acc += cos_y[i * H + y] * ca[i];
+                if (!(LAST_SINE_ZERO && i == NY - 1)) acc += sin_y[i * H + y] * cb[i];
+            }
             T* out = dst + y * dst_row + x0;
             if (lanes == kLanes) {
                 store_lanes(out, acc);
@@ -402,8 +412,15 @@ template <class T> void skip_plane(const Plan& p, int64_t n, int64_t c, int64_t 
         return;
     }
     const bool rows_contiguous = (a.skip.stride[4] == 1 && a.out_skip.stride[4] == 1) || a.w == 1;
-    if (rows_contiguous && p.ny == 1) return skip_plane_strips<T, 1>(p, src, dst, scratch);
-    if (rows_contiguous && p.ny == 2) return skip_plane_strips<T, 2>(p, src, dst, scratch);
+    const bool last_sine_zero = p.ny > 0 && !p.sin_y_nonzero[size_t(p.ny - 1)];
+    if (rows_contiguous && p.ny == 1) {
+        return last_sine_zero ? skip_plane_strips<T, 1, true>(p, src, dst, scratch)
+                              : skip_plane_strips<T, 1, false>(p, src, dst, scratch);
+    }
+    if (rows_contiguous && p.ny == 2) {
+        return last_sine_zero ? skip_plane_strips<T, 2, true>(p, src, dst, scratch)
+                              : skip_plane_strips<T, 2, false>(p, src, dst, scratch);
+    }
     skip_plane_rows<T>(p, src, dst, scratch);
 }
 

@@ -605,7 +605,7 @@ def enable_freeu(
         version: 1 (scale half the backbone channels by b) or 2 (by ``(b - 1) * m^ + 1``, the structure map).
         placement: "diffusers" (stages on up blocks 0 and 1, like ``unet.enable_freeu``) or "official"
             (stage by the backbone's channel count at each concat, like the official code and ComfyUI).
-        backend: None/"auto", "torch", "triton" or "cuda" (see :func:`freeu_kernels.fused_concat`).
+        backend: None/"auto", "torch", "cpu", "triton" or "cuda" (see :func:`freeu_kernels.fused_concat`).
         threshold, mask, high_gain: the skip filter's low-frequency region and the gain outside it.
         schedule: a :class:`FreeUSchedule` or ``(start, stop)`` progress fractions; None means every step.
 

@@ -178,7 +178,7 @@ def fused_concat(
         s: skip factor: the gain of the masked low frequencies, float or 0-d tensor.
         threshold: mask size (int >= 0; 0 leaves h unfiltered; past the plane size it clamps like the
             reference's slices).
-        backend: "torch", "triton", "cuda" or None/"auto" (then $FREEU_KERNELS_BACKEND, then the best
+        backend: "torch", "cpu", "triton", "cuda" or None/"auto" (then $FREEU_KERNELS_BACKEND, then the best
             available for x's device). An unavailable backend raises ValueError.
         version: 1 (scale the window by b) or 2 (scale it by (b - 1) * m^ + 1, m^ the normalised
             channel-mean map; a constant map gives m^ = 0, i.e. no scaling).

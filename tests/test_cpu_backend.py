@@ -88,3 +88,29 @@ def test_cpu_backend_is_unavailable_for_other_devices():
     from freeu_kernels.backends import registry
 
     assert "CPU tensors" in registry.why_unavailable("cpu", torch.device("meta"))
+
+
+@needs_library
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("band", [(0, 2, 0, 2), (1, 1, -1, 2), (-1, 2, 0, 3), (0, 1, 3, 1)],
+                         ids=["rows0-1", "row1", "rows-1-0_cols0-2", "row0_col3"])
+def test_strip_path_on_bands_no_mask_makes(monkeypatch, isa, band):
+    """Frequency bands the published masks never produce (a last row with a non-zero sine, a lone
+    non-zero row) against the torch backend given the same band: the kernel's general strip code."""
+    from dataclasses import replace
+
+    from freeu_kernels.backends.torch_backend import fused_concat_torch
+    from freeu_kernels.spec import FrequencyBand, make_spec
+
+    monkeypatch.setenv(cpu_backend.ENV_ISA, isa)
+    if cpu_backend.isa() != isa:
+        pytest.skip(f"this processor does not run the {isa} copy")
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 20, 36, generator=gen)
+    h = torch.randn(2, 4, 20, 36, generator=gen) + 1.0
+    ky0, ny, kx0, nx = band
+    spec = replace(make_spec(x, h), band=FrequencyBand(ky0, ny, kx0, nx, None))
+    b, s = torch.tensor(1.3), torch.tensor(0.2)
+    got = cpu_backend.fused_concat_cpu(x, h, b, s, spec)
+    want = fused_concat_torch(x.double(), h.double(), b.double(), s.double(), replace(spec, dtype=torch.float64))
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
