@@ -1,15 +1,17 @@
 // The plane kernels of freeu_cpu.cpp, included there once per instruction set inside
 // `namespace FREEU_CPU_NS` (no include guard on purpose). Not a public header.
 //
-// Skip plane, with the plane held in a float32 buffer between its two sweeps:
-//   sweep 1, row y:  plane[y] = h[y];  Vc_i += cos(2 pi ky_i y / H) h[y],  Vs_i += sin(...) h[y]   (vectors of W)
+// Skip plane, two sweeps (DESIGN.md section 2 in real arithmetic):
+//   sweep 1, row y:  Vc_i += cos(2 pi ky_i y / H) h[y],  Vs_i += sin(...) h[y]   (vectors of W)
 //   per plane:       Scc_ij = Vc_i . cos_x_j,  Scs_ij = Vc_i . sin_x_j,  Ssc_ij = Vs_i . cos_x_j,  Sss_ij = Vs_i . sin_x_j
 //                    Qr = w g (Scc - Sss),  Qi = w g (Ssc + Scs)                    (g = (s - g_hi) / (H W))
 //                    A_i = sum_j Qr_ij cos_x_j + Qi_ij sin_x_j,  B_i = sum_j Qi_ij cos_x_j - Qr_ij sin_x_j
-//   sweep 2, row y:  out[y] = g_hi plane[y] + sum_i cos(2 pi ky_i y / H) A_i + sin(...) B_i
-// so the per-element work is 2 ny multiply-adds per sweep, all in loops over x with no reduction; the
-// horizontal reductions happen once per plane. NY is a template argument for the common bands (1 and 2
-// rows of frequencies: threshold 1), which lets the compiler keep the sweeps as single fused loops.
+//   sweep 2, row y:  out[y] = g_hi h[y] + sum_i cos(2 pi ky_i y / H) A_i + sin(...) B_i
+// so the per-element work is 2 ny multiply-adds per sweep with no reduction; the horizontal sums
+// happen once per plane. The common bands (1 or 2 rows of frequencies: threshold 1) on planes with
+// contiguous rows take skip_plane_strips, which keeps V in registers and reads h again in sweep 2 (the
+// plane is still in L1/L2: one read from memory); any other plane takes skip_plane_rows, which holds
+// the plane in a float32 buffer between the sweeps.
 
 namespace FREEU_CPU_NS {
 
@@ -63,15 +65,14 @@ template <class T> inline void store_plane(T* plane, const FreeuView& v, int64_t
     for (int64_t y = 0; y < h; ++y) store_row(plane, v, y, w, src + y * w);
 }
 
-// Row pitch of the plane buffer for the strip path: W rounded up to whole strips, so a strip's row is
-// always a full vector in the buffer.
+// Row pitch of the x twiddle tables (Plan::cos_x, sin_x): W rounded up to whole 16-lane strips, zero-padded.
 inline int64_t padded(int64_t w) { return (w + 15) / 16 * 16; }
 
 // Per-thread buffers, sized once per call.
 struct Scratch {
     std::vector<float> plane, row, vc, vs, a, b;
     explicit Scratch(const FreeuFusedConcatArgs& args)
-        : plane(size_t(args.h) * size_t(padded(args.w))), row(size_t(args.w)), vc(size_t(args.ny) * size_t(args.w)),
+        : plane(size_t(args.h) * size_t(args.w)), row(size_t(args.w)), vc(size_t(args.ny) * size_t(args.w)),
           vs(vc.size()), a(vc.size()), b(vc.size()) {}
 };
 
@@ -287,15 +288,14 @@ inline float horizontal_sum(Lanes v) {  // a halving tree: 4 adds instead of 15
 // frequencies. The plane is walked in column strips of kLanes: sweep 1 keeps a strip's column moments
 // (Vc_i, Vs_i) in registers over all its rows and folds them into the (i, j) moment lanes right away;
 // the horizontal sums happen once per plane; sweep 2 forms the strip's update coefficients (A_i, B_i)
-// from the twiddles and writes the output rows directly. A last strip narrower than kLanes goes
-// through the same math one lane at a time.
+// from the twiddles, reads the strip's rows again (from cache) and writes the output rows directly. A
+// last strip narrower than kLanes is loaded zero-padded and stored through a small buffer.
 // LAST_SINE_ZERO: the band's last frequency row is ky = 0 (every threshold-1 band), whose sine row is
 // identically zero; its sine moments and sine update terms are then left out at compile time.
-template <class T, int NY, bool LAST_SINE_ZERO> void skip_plane_strips(const Plan& p, const T* src, T* dst, Scratch& scratch) {
+template <class T, int NY, bool LAST_SINE_ZERO> void skip_plane_strips(const Plan& p, const T* src, T* dst) {
     const FreeuFusedConcatArgs& a = *p.a;
     const int64_t H = a.h, W = a.w, src_row = a.skip.stride[3], dst_row = a.out_skip.stride[3];
     const int nx = p.nx;
-    float* plane = scratch.plane.data();
     const float* cos_y = p.cos_y.data();
     const float* sin_y = p.sin_y.data();
     const float* cos_x = p.cos_x.data();
@@ -312,7 +312,6 @@ template <class T, int NY, bool LAST_SINE_ZERO> void skip_plane_strips(const Pla
         for (int64_t y = 0; y < H; ++y) {
             const T* in = src + y * src_row + x0;
             const Lanes v = lanes == kLanes ? load_lanes(in) : load_partial(in, lanes);
-            store_lanes(plane + y * pitch + x0, v);
             for (int i = 0; i < NY; ++i) {
                 acc_c[i] += cos_y[i * H + y] * v;
                 if (!(LAST_SINE_ZERO && i == NY - 1)) acc_s[i] += sin_y[i * H + y] * v;
@@ -355,7 +354,8 @@ template <class T, int NY, bool LAST_SINE_ZERO> void skip_plane_strips(const Pla
             }
         }
         for (int64_t y = 0; y < H; ++y) {
-            Lanes acc = g * load_lanes(plane + y * pitch + x0);
+            const T* in = src + y * src_row + x0;  // read again: the plane is still in L1/L2
+            Lanes acc = g * (lanes == kLanes ? load_lanes(in) : load_partial(in, lanes));
             for (int i = 0; i < NY; ++i) {
                 acc += cos_y[i * H + y] * ca[i];
                 if (!(LAST_SINE_ZERO && i == NY - 1)) acc += sin_y[i * H + y] * cb[i];
@@ -414,12 +414,12 @@ template <class T> void skip_plane(const Plan& p, int64_t n, int64_t c, int64_t 
     const bool rows_contiguous = (a.skip.stride[4] == 1 && a.out_skip.stride[4] == 1) || a.w == 1;
     const bool last_sine_zero = p.ny > 0 && !p.sin_y_nonzero[size_t(p.ny - 1)];
     if (rows_contiguous && p.ny == 1) {
-        return last_sine_zero ? skip_plane_strips<T, 1, true>(p, src, dst, scratch)
-                              : skip_plane_strips<T, 1, false>(p, src, dst, scratch);
+        return last_sine_zero ? skip_plane_strips<T, 1, true>(p, src, dst)
+                              : skip_plane_strips<T, 1, false>(p, src, dst);
     }
     if (rows_contiguous && p.ny == 2) {
-        return last_sine_zero ? skip_plane_strips<T, 2, true>(p, src, dst, scratch)
-                              : skip_plane_strips<T, 2, false>(p, src, dst, scratch);
+        return last_sine_zero ? skip_plane_strips<T, 2, true>(p, src, dst)
+                              : skip_plane_strips<T, 2, false>(p, src, dst);
     }
     skip_plane_rows<T>(p, src, dst, scratch);
 }
