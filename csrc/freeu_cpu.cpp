@@ -22,6 +22,7 @@
 #include <exception>
 #include <new>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -60,6 +61,9 @@ struct Plan {
     float b, s_gain, high_gain;  // s_gain = (s - g_hi) / (H W)
     int ny, nx;
     std::vector<float> cos_x, sin_x;  // [nx][W rounded up to 16, zero-padded]
+    // The same rows with each whole block of 32 columns stored as its 16 even columns, then its 16 odd
+    // ones: the lane order of bfloat16 data read as 32-bit words (freeu_cpu_kernels.h, load_pair).
+    std::vector<float> cos_x_pairs, sin_x_pairs;
     std::vector<float> cos_y, sin_y;  // [ny][H]
     std::vector<float> weight;        // [ny][nx]: 1 where the grid point is masked
     std::vector<bool> sin_x_nonzero, sin_y_nonzero;  // per frequency: false for an all-zero sine row
@@ -166,6 +170,19 @@ int run(const FreeuFusedConcatArgs& a) {
     // x rows are padded to whole 16-lane strips (the kernels' vectors), y rows are not.
     twiddles(a.w, (a.w + 15) / 16 * 16, a.kx0, a.nx, p.cos_x, p.sin_x);
     twiddles(a.h, a.h, a.ky0, a.ny, p.cos_y, p.sin_y);
+    auto deinterleave = [&](const std::vector<float>& table) {
+        const int64_t pitch = (a.w + 15) / 16 * 16, whole = a.w / 32 * 32;
+        std::vector<float> out(table);
+        for (int j = 0; j < a.nx; ++j)
+            for (int64_t x0 = 0; x0 < whole; x0 += 32)
+                for (int l = 0; l < 16; ++l) {
+                    out[size_t(j * pitch + x0 + l)] = table[size_t(j * pitch + x0 + 2 * l)];
+                    out[size_t(j * pitch + x0 + 16 + l)] = table[size_t(j * pitch + x0 + 2 * l + 1)];
+                }
+        return out;
+    };
+    p.cos_x_pairs = deinterleave(p.cos_x);
+    p.sin_x_pairs = deinterleave(p.sin_x);
     auto nonzero_rows = [](const std::vector<float>& table, int count, int64_t pitch) {
         std::vector<bool> keep(size_t(count), false);
         for (int j = 0; j < count; ++j)

@@ -136,9 +136,37 @@ template <class T> inline void store_partial(T* p, Lanes v, int lanes) {
     copy_few(p, tmp, lanes);
 }
 
-// y = x * scale over n contiguous elements: kLanes at a time, then the tail.
+// 32 bfloat16 values read as 16 32-bit words: the even elements are the words shifted up by 16 bits,
+// the odd ones the words with their low half cleared. No shuffle at all (converting 16 values to 16
+// lanes costs four), so bfloat16 loops go 32 columns at a time with lanes in (even, odd) order.
+inline void load_pair(const Bf16* p, Lanes& even, Lanes& odd) {
+    LanesU32 words;
+    std::memcpy(&words, p, sizeof words);
+    const LanesU32 e = words << 16, o = words & 0xffff0000u;
+    std::memcpy(&even, &e, sizeof even);
+    std::memcpy(&odd, &o, sizeof odd);
+}
+// The way back: each value rounded to nearest even (NaN kept quiet) and the halves merged into words.
+inline void store_pair(Bf16* p, Lanes even, Lanes odd) {
+    LanesU32 ue, uo;
+    std::memcpy(&ue, &even, sizeof ue);
+    std::memcpy(&uo, &odd, sizeof uo);
+    const LanesU32 low = even != even ? (ue | 0x400000u) >> 16 : (ue + 0x7fffu + ((ue >> 16) & 1u)) >> 16;
+    const LanesU32 high = odd != odd ? (uo | 0x400000u) & 0xffff0000u : (uo + 0x7fffu + ((uo >> 16) & 1u)) & 0xffff0000u;
+    const LanesU32 words = low | high;
+    std::memcpy(p, &words, sizeof words);
+}
+
+// y = x * scale over n contiguous elements: kLanes at a time (bfloat16: 2 kLanes), then the tail.
 template <class T> inline void scale_contiguous(const T* in, T* out, int64_t n, float scale) {
     int64_t x = 0;
+    if constexpr (std::is_same_v<T, Bf16>) {
+        for (; x + 2 * kLanes <= n; x += 2 * kLanes) {
+            Lanes even, odd;
+            load_pair(in + x, even, odd);
+            store_pair(out + x, even * scale, odd * scale);
+        }
+    }
     for (; x + kLanes <= n; x += kLanes) store_lanes(out + x, load_lanes(in + x) * scale);
     for (; x < n; ++x) out[x] = from_float<T>(to_float(in[x]) * scale);
 }
@@ -306,7 +334,39 @@ template <class T, int NY, bool LAST_SINE_ZERO> void skip_plane_strips(const Pla
         for (int j = 0; j < nx; ++j)
             for (int k = 0; k < 4; ++k) moments[i][j][k] = Lanes{};
     const int64_t pitch = padded(W);
-    for (int64_t x0 = 0; x0 < W; x0 += kLanes) {
+    // bfloat16: whole blocks of 32 columns as (even, odd) lane pairs (load_pair); the rest in strips.
+    const int64_t pairs_end = std::is_same_v<T, Bf16> ? W / (2 * kLanes) * (2 * kLanes) : 0;
+    if constexpr (std::is_same_v<T, Bf16>) {
+        for (int64_t x0 = 0; x0 < pairs_end; x0 += 2 * kLanes) {
+            Lanes acc_c[2][NY] = {}, acc_s[2][NY] = {};
+            for (int64_t y = 0; y < H; ++y) {
+                Lanes v[2];
+                load_pair(src + y * src_row + x0, v[0], v[1]);
+                for (int i = 0; i < NY; ++i) {
+                    const float c = cos_y[i * H + y], sn = sin_y[i * H + y];
+                    for (int half = 0; half < 2; ++half) {
+                        acc_c[half][i] += c * v[half];
+                        if (!(LAST_SINE_ZERO && i == NY - 1)) acc_s[half][i] += sn * v[half];
+                    }
+                }
+            }
+            for (int j = 0; j < nx; ++j) {
+                const bool sine_x = p.sin_x_nonzero[size_t(j)];
+                for (int half = 0; half < 2; ++half) {
+                    const Lanes cx = load_lanes(p.cos_x_pairs.data() + j * pitch + x0 + half * kLanes);
+                    const Lanes sx = load_lanes(p.sin_x_pairs.data() + j * pitch + x0 + half * kLanes);
+                    for (int i = 0; i < NY; ++i) {
+                        const bool sine_y = !(LAST_SINE_ZERO && i == NY - 1);
+                        moments[i][j][0] += acc_c[half][i] * cx;
+                        if (sine_x) moments[i][j][1] += acc_c[half][i] * sx;
+                        if (sine_y) moments[i][j][2] += acc_s[half][i] * cx;
+                        if (sine_x && sine_y) moments[i][j][3] += acc_s[half][i] * sx;
+                    }
+                }
+            }
+        }
+    }
+    for (int64_t x0 = pairs_end; x0 < W; x0 += kLanes) {
         const int lanes = int(std::min<int64_t>(kLanes, W - x0));
         Lanes acc_c[NY] = {}, acc_s[NY] = {};
         for (int64_t y = 0; y < H; ++y) {
@@ -343,7 +403,34 @@ template <class T, int NY, bool LAST_SINE_ZERO> void skip_plane_strips(const Pla
         }
     }
     const float g = p.high_gain;
-    for (int64_t x0 = 0; x0 < W; x0 += kLanes) {
+    if constexpr (std::is_same_v<T, Bf16>) {
+        for (int64_t x0 = 0; x0 < pairs_end; x0 += 2 * kLanes) {
+            Lanes ca[2][NY] = {}, cb[2][NY] = {};
+            for (int j = 0; j < nx; ++j) {
+                for (int half = 0; half < 2; ++half) {
+                    const Lanes cx = load_lanes(p.cos_x_pairs.data() + j * pitch + x0 + half * kLanes);
+                    const Lanes sx = load_lanes(p.sin_x_pairs.data() + j * pitch + x0 + half * kLanes);
+                    for (int i = 0; i < NY; ++i) {
+                        ca[half][i] += qr[i][j] * cx + qi[i][j] * sx;
+                        cb[half][i] += qi[i][j] * cx - qr[i][j] * sx;
+                    }
+                }
+            }
+            for (int64_t y = 0; y < H; ++y) {
+                Lanes v[2];
+                load_pair(src + y * src_row + x0, v[0], v[1]);  // read again: the plane is still in L1/L2
+                for (int half = 0; half < 2; ++half) {
+                    v[half] *= g;
+                    for (int i = 0; i < NY; ++i) {
+                        v[half] += cos_y[i * H + y] * ca[half][i];
+                        if (!(LAST_SINE_ZERO && i == NY - 1)) v[half] += sin_y[i * H + y] * cb[half][i];
+                    }
+                }
+                store_pair(dst + y * dst_row + x0, v[0], v[1]);
+            }
+        }
+    }
+    for (int64_t x0 = pairs_end; x0 < W; x0 += kLanes) {
         const int lanes = int(std::min<int64_t>(kLanes, W - x0));
         Lanes ca[NY] = {}, cb[NY] = {};
         for (int j = 0; j < nx; ++j) {

@@ -114,3 +114,43 @@ def test_strip_path_on_bands_no_mask_makes(monkeypatch, isa, band):
     got = cpu_backend.fused_concat_cpu(x, h, b, s, spec)
     want = fused_concat_torch(x.double(), h.double(), b.double(), s.double(), replace(spec, dtype=torch.float64))
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+
+
+@needs_library
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("width", [64, 40, 8])
+def test_bfloat16_scaling_rounds_like_torch_bit_for_bit(monkeypatch, isa, width):
+    """The scaled window is x * b rounded once to nearest even, as torch rounds: equal bits, with
+    infinities, denormals and values that round to the largest finite number among the inputs.
+    Widths: whole 32-column word blocks, blocks plus a tail, a tail alone."""
+    monkeypatch.setenv(cpu_backend.ENV_ISA, isa)
+    if cpu_backend.isa() != isa:
+        pytest.skip(f"this processor does not run the {isa} copy")
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 4, 6, width, generator=gen).to(torch.bfloat16)
+    special = torch.tensor([float("inf"), -float("inf"), 1e-39, -3e-40, 3.3e38, -0.0, 0.0, 1.0],
+                           dtype=torch.bfloat16)
+    x[0, 0, 0, : special.numel()] = special
+    h = torch.randn(2, 3, 6, width, generator=gen).to(torch.bfloat16)
+    b = 1.37
+    out = fused_concat(x, h, b, 1.0, backend="cpu")
+    expected = (x[:, :2].float() * torch.tensor(b, dtype=torch.float32)).to(torch.bfloat16)
+    assert torch.equal(out[:, :2].view(torch.int16), expected.view(torch.int16))
+    assert torch.equal(out[:, 2:4].view(torch.int16), x[:, 2:].view(torch.int16))
+
+
+@needs_library
+@pytest.mark.parametrize("isa", ISAS)
+def test_bfloat16_nan_stays_in_its_plane_on_the_word_path(monkeypatch, isa):
+    monkeypatch.setenv(cpu_backend.ENV_ISA, isa)
+    if cpu_backend.isa() != isa:
+        pytest.skip(f"this processor does not run the {isa} copy")
+    x = torch.randn(1, 2, 4, 64).to(torch.bfloat16)
+    h = torch.randn(1, 3, 4, 64).to(torch.bfloat16)
+    x[0, 0, 1, 5] = float("nan")
+    h[0, 1, 2, 33] = float("nan")
+    out = fused_concat(x, h, 1.2, 0.5, backend="cpu")
+    nan = torch.isnan(out)
+    assert nan[0, 0].sum() == 1 and nan[0, 0, 1, 5]  # backbone: that element only
+    assert nan[0, 3].all()  # the skip plane with the NaN: all of it, as the FFT reference
+    assert not nan[0, 1].any() and not nan[0, 2].any() and not nan[0, 4].any()
