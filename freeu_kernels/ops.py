@@ -22,7 +22,7 @@ import torch
 
 from .backends import registry
 from .reference import structure_map
-from .spec import KERNEL_DTYPES, Backend, FreeUSpec, allocate_output, check_factor, make_spec
+from .spec import Backend, FreeUSpec, allocate_output, check_factor, make_spec
 
 __all__ = ["fused_concat", "available_backends", "resolve_backend", "ENV_BACKEND"]
 
@@ -48,7 +48,8 @@ def resolve_backend(requested: Optional[str], device: torch.device, spec: Option
     """The backend that will run: the requested one (argument, else $FREEU_KERNELS_BACKEND), else the best.
 
     An explicitly requested backend that cannot run on ``device`` raises ValueError. The automatic
-    choice passes over the fused kernels for dtypes they do not compute (float64). Masks with more
+    choice passes over backends that do not suit the call (registry.suits: the fused kernels for
+    float64, the CPU kernel for planes narrower than 16 columns). Masks with more
     frequencies than the fused kernels handle (spec.uses_fft_fallback) run on the torch backend's FFT path.
     """
     name = requested if requested not in (None, Backend.AUTO, "auto") else os.environ.get(ENV_BACKEND) or "auto"
@@ -57,10 +58,8 @@ def resolve_backend(requested: Optional[str], device: torch.device, spec: Option
     except ValueError:
         raise ValueError(f"backend must be one of {[b.value for b in Backend]}, got {name!r}") from None
     if backend is Backend.AUTO:
-        # The fused kernels compute float16, bfloat16 and float32; other dtypes (float64) go to torch.
-        fused_ok = spec is None or spec.dtype in KERNEL_DTYPES
         backend = Backend(next(n for n in registry.auto_order(device)
-                               if registry.is_available(n, device) and (fused_ok or n == "torch")))
+                               if registry.is_available(n, device) and registry.suits(n, spec)))
     elif not registry.is_available(backend.value, device):
         raise ValueError(
             f"backend {backend.value!r} is not available for {device.type} tensors "

@@ -143,6 +143,15 @@ def test_available_backends_on_cpu_lead_with_the_fused_kernel_when_built():
     assert freeu_kernels.resolve_backend("auto", torch.device("cpu")).value == best
 
 
+def test_auto_on_cpu_sends_narrow_planes_to_the_torch_backend():
+    """The CPU kernel's 16-lane strips lose to the torch backend on planes narrower than 16 (bench)."""
+    if "cpu" not in freeu_kernels.available_backends("cpu"):
+        pytest.skip("CPU kernel library not built")
+    narrow, wide = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 16)
+    assert freeu_kernels.resolve_backend("auto", torch.device("cpu"), make_spec(narrow, narrow)).value == "torch"
+    assert freeu_kernels.resolve_backend("auto", torch.device("cpu"), make_spec(wide, wide)).value == "cpu"
+
+
 def test_auto_passes_over_fused_kernels_for_float64():
     """float64 (gradcheck, references) is the torch backend's alone; "auto" must not pick a fused kernel."""
     x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
