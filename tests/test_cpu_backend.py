@@ -54,6 +54,7 @@ def test_every_instruction_set_copy_matches_oracle(monkeypatch, isa, dtype, shap
 
 @needs_library
 def test_unknown_isa_name_falls_back_to_the_widest(monkeypatch):
+    monkeypatch.delenv(cpu_backend.ENV_ISA, raising=False)
     widest = cpu_backend.isa()
     monkeypatch.setenv(cpu_backend.ENV_ISA, "no-such-isa")
     assert cpu_backend.isa() == widest

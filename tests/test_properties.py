@@ -55,6 +55,13 @@ def test_torch_backend_properties(call):
     _check("torch", call, torch.float64)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="cpu backend not available")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(call=freeu_calls(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_cpu_backend_properties(call, dtype):
+    _check("cpu", call, dtype)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend not available")
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(call=freeu_calls())
