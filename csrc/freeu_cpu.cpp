@@ -68,6 +68,7 @@ struct Plan {
     std::vector<float> weight;        // [ny][nx]: 1 where the grid point is masked
     std::vector<bool> sin_x_nonzero, sin_y_nonzero;  // per frequency: false for an all-zero sine row
     int64_t backbone_items, skip_items;
+    bool channels_major;  // channels_last layout, bands of 1 or 2 per axis: the kernels run across channels
 };
 
 // cos and sin of 2 pi k n / size for n < size, one row of `pitch` (>= size, zero-padded) per frequency;
@@ -199,8 +200,15 @@ int run(const FreeuFusedConcatArgs& a) {
                 p.weight[size_t(i) * a.nx + j] = (ky * ky + kx * kx < a.radius_sq) ? 1.f : 0.f;
             }
     }
-    p.backbone_items = a.n * a.cx * a.f;
-    p.skip_items = a.n * a.ch * a.f;
+    // channels_last (channels contiguous in all four views) with a band of 1 or 2 frequencies per axis:
+    // work items are pixel rows (backbone) and blocks of 16 channels (skip); else (n, c, f) planes.
+    auto channels_contiguous = [](const FreeuView& v, int64_t channels) { return channels <= 1 || v.stride[1] == 1; };
+    p.channels_major = a.channels_last && a.ny >= 1 && a.ny <= 2 && a.nx >= 1 && a.nx <= 2 &&
+                       channels_contiguous(a.x, a.cx) && channels_contiguous(a.out_x, a.cx) &&
+                       channels_contiguous(a.skip, a.ch) && channels_contiguous(a.out_skip, a.ch);
+    p.backbone_items = p.channels_major ? (a.cx > 0 ? a.n * a.f * a.h : 0) : a.n * a.cx * a.f;
+    const int64_t channel_block = a.dtype == FREEU_DTYPE_BFLOAT16 ? 32 : 16;  // freeu_cpu_kernels.h channel_block()
+    p.skip_items = p.channels_major ? a.n * a.f * ((a.ch + channel_block - 1) / channel_block) : a.n * a.ch * a.f;
     const int64_t total = p.backbone_items + p.skip_items;
     if (total == 0 || a.h == 0 || a.w == 0) return 0;
     int64_t threads = a.num_sms > 0 ? a.num_sms : int64_t(std::thread::hardware_concurrency());

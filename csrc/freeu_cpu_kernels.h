@@ -511,11 +511,166 @@ template <class T> void skip_plane(const Plan& p, int64_t n, int64_t c, int64_t 
     skip_plane_rows<T>(p, src, dst, scratch);
 }
 
+// ---- channels_last: channels are the contiguous axis --------------------------------------------------
+// Planes are strided by the channel count there, so the kernels run across channels instead: a work item
+// is a block of channel_block() channels of one (n, f) (skip) or one row of pixels (backbone), and one
+// vector holds the same pixel of kLanes channels. Used for bands of 1 or 2 frequencies per axis (threshold 1); other
+// bands take the planar kernels with strided planes.
+
+template <class T> inline Lanes load_channels(const T* p, int lanes) {
+    return lanes == kLanes ? load_lanes(p) : load_partial(p, lanes);
+}
+template <class T> inline void store_channels(T* p, Lanes v, int lanes) {
+    if (lanes == kLanes) {
+        store_lanes(p, v);
+    } else {
+        store_partial(p, v, lanes);
+    }
+}
+
+// Backbone row y of (n, f): at each pixel the window [start, stop) scaled (by b, or the pixel's v2 map
+// value), the other channels copied.
+template <class T> void backbone_row_channels_last(const Plan& p, int64_t n, int64_t f, int64_t y) {
+    const FreeuFusedConcatArgs& a = *p.a;
+    const int64_t start = a.window_start, stop = a.window_stop, cx = a.cx;
+    const T* in_row = static_cast<const T*>(a.x.data) + n * a.x.stride[0] + f * a.x.stride[2] + y * a.x.stride[3];
+    T* out_row = static_cast<T*>(a.out_x.data) + n * a.out_x.stride[0] + f * a.out_x.stride[2] + y * a.out_x.stride[3];
+    for (int64_t x = 0; x < a.w; ++x) {
+        const T* in = in_row + x * a.x.stride[4];
+        T* out = out_row + x * a.out_x.stride[4];
+        float scale = p.b;
+        if (a.version == 2 && stop > start)
+            scale = a.scale_map[n * a.map_stride[0] + f * a.map_stride[1] + y * a.map_stride[2] + x * a.map_stride[3]];
+        if (start > 0) std::memcpy(out, in, sizeof(T) * size_t(start));
+        if (stop > start) scale_contiguous(in + start, out + start, stop - start, scale);
+        if (stop < cx) std::memcpy(out + stop, in + stop, sizeof(T) * size_t(cx - stop));
+    }
+}
+
+// Skip channels [c0, c0 + kLanes) of (n, f), for bands of NY x NX frequencies (1 or 2 each). Sweep 1:
+// per row, the x moments (rc, rs) over the pixels, folded into the (i, j) moments with the row's y
+// twiddles; sweep 2: per row, the update's x coefficients (lc, ls) from the y twiddles, then per pixel
+// g_hi h + sum_j lc_j cos_x_j + ls_j sin_x_j.
+// HALVES = 2 (bfloat16, a full block of 32 channels): the block is read as 16 words (load_pair), its even
+// and odd channels in two vectors; the moments are per channel, so the lane order costs nothing.
+template <class T, int HALVES> inline void load_block(const T* p, int lanes, Lanes (&v)[HALVES]) {
+    if constexpr (HALVES == 2) {
+        load_pair(p, v[0], v[1]);
+    } else {
+        v[0] = load_channels(p, lanes);
+    }
+}
+template <class T, int HALVES> inline void store_block(T* p, int lanes, const Lanes (&v)[HALVES]) {
+    if constexpr (HALVES == 2) {
+        store_pair(p, v[0], v[1]);
+    } else {
+        store_channels(p, v[0], lanes);
+    }
+}
+
+template <class T, int NY, int NX, bool LAST_SINE_ZERO, int HALVES>
+void skip_block_channels_last(const Plan& p, int64_t n, int64_t f, int64_t c0, int lanes) {
+    const FreeuFusedConcatArgs& a = *p.a;
+    const int64_t H = a.h, W = a.w, pitch = padded(W);
+    const T* src = static_cast<const T*>(a.skip.data) + n * a.skip.stride[0] + c0 * a.skip.stride[1] + f * a.skip.stride[2];
+    T* dst = static_cast<T*>(a.out_skip.data) + n * a.out_skip.stride[0] + c0 * a.out_skip.stride[1] +
+             f * a.out_skip.stride[2];
+    const float* cos_x = p.cos_x.data();
+    const float* sin_x = p.sin_x.data();
+    bool sine_x[NX];
+    for (int j = 0; j < NX; ++j) sine_x[j] = p.sin_x_nonzero[size_t(j)];
+    Lanes moments[HALVES][NY][NX][4] = {};
+    for (int64_t y = 0; y < H; ++y) {
+        Lanes rc[HALVES][NX] = {}, rs[HALVES][NX] = {};
+        for (int64_t x = 0; x < W; ++x) {
+            Lanes v[HALVES];
+            load_block<T, HALVES>(src + y * a.skip.stride[3] + x * a.skip.stride[4], lanes, v);
+            for (int k = 0; k < HALVES; ++k)
+                for (int j = 0; j < NX; ++j) {
+                    rc[k][j] += cos_x[j * pitch + x] * v[k];
+                    if (sine_x[j]) rs[k][j] += sin_x[j * pitch + x] * v[k];
+                }
+        }
+        for (int i = 0; i < NY; ++i) {
+            const float c = p.cos_y[size_t(i) * H + y], sn = p.sin_y[size_t(i) * H + y];
+            for (int k = 0; k < HALVES; ++k)
+                for (int j = 0; j < NX; ++j) {
+                    moments[k][i][j][0] += c * rc[k][j];
+                    moments[k][i][j][1] += c * rs[k][j];
+                    if (!(LAST_SINE_ZERO && i == NY - 1))
+                        moments[k][i][j][2] += sn * rc[k][j], moments[k][i][j][3] += sn * rs[k][j];
+                }
+        }
+    }
+    Lanes qr[HALVES][NY][NX], qi[HALVES][NY][NX];
+    for (int k = 0; k < HALVES; ++k)
+        for (int i = 0; i < NY; ++i)
+            for (int j = 0; j < NX; ++j) {
+                const float w = p.weight[size_t(i) * NX + j] * p.s_gain;
+                qr[k][i][j] = w * (moments[k][i][j][0] - moments[k][i][j][3]);
+                qi[k][i][j] = w * (moments[k][i][j][2] + moments[k][i][j][1]);
+            }
+    const float g = p.high_gain;
+    for (int64_t y = 0; y < H; ++y) {
+        Lanes lc[HALVES][NX] = {}, ls[HALVES][NX] = {};
+        for (int i = 0; i < NY; ++i) {
+            const float c = p.cos_y[size_t(i) * H + y], sn = p.sin_y[size_t(i) * H + y];
+            for (int k = 0; k < HALVES; ++k)
+                for (int j = 0; j < NX; ++j) {
+                    lc[k][j] += c * qr[k][i][j] + sn * qi[k][i][j];
+                    ls[k][j] += c * qi[k][i][j] - sn * qr[k][i][j];
+                }
+        }
+        for (int64_t x = 0; x < W; ++x) {
+            Lanes v[HALVES];
+            load_block<T, HALVES>(src + y * a.skip.stride[3] + x * a.skip.stride[4], lanes, v);
+            for (int k = 0; k < HALVES; ++k) {
+                v[k] *= g;
+                for (int j = 0; j < NX; ++j) {
+                    v[k] += cos_x[j * pitch + x] * lc[k][j];
+                    if (sine_x[j]) v[k] += sin_x[j * pitch + x] * ls[k][j];
+                }
+            }
+            store_block<T, HALVES>(dst + y * a.out_skip.stride[3] + x * a.out_skip.stride[4], lanes, v);
+        }
+    }
+}
+
+// Channels per skip work item in the channels_last path: 32 for bfloat16 (one 64-byte word block), else 16.
+template <class T> constexpr int64_t channel_block() { return std::is_same_v<T, Bf16> ? 2 * kLanes : kLanes; }
+
+template <class T, int NY, int NX, bool LAST_SINE_ZERO>
+void skip_block_channels_last_sized(const Plan& p, int64_t n, int64_t f, int64_t c0) {
+    const int64_t lanes = std::min<int64_t>(channel_block<T>(), p.a->ch - c0);
+    if (lanes == 2 * kLanes) {
+        if constexpr (std::is_same_v<T, Bf16>) return skip_block_channels_last<T, NY, NX, LAST_SINE_ZERO, 2>(p, n, f, c0, 32);
+    }
+    for (int64_t c = c0; c < c0 + lanes; c += kLanes)  // 16 channels at a time (a narrower last one)
+        skip_block_channels_last<T, NY, NX, LAST_SINE_ZERO, 1>(p, n, f, c, int(std::min<int64_t>(kLanes, c0 + lanes - c)));
+}
+
+template <class T> void skip_block_channels_last_any(const Plan& p, int64_t n, int64_t f, int64_t c0) {
+    const bool last_sine_zero = !p.sin_y_nonzero[size_t(p.ny - 1)];
+    const int shape = (p.ny - 1) * 2 + (p.nx - 1);  // (1,1) (1,2) (2,1) (2,2) -> 0..3
+#define FREEU_CL_CASE(index, ny, nx)                                                              \
+    case index:                                                                                  \
+        return last_sine_zero ? skip_block_channels_last_sized<T, ny, nx, true>(p, n, f, c0)     \
+                              : skip_block_channels_last_sized<T, ny, nx, false>(p, n, f, c0);
+    switch (shape) {
+        FREEU_CL_CASE(0, 1, 1)
+        FREEU_CL_CASE(1, 1, 2)
+        FREEU_CL_CASE(2, 2, 1)
+        default: FREEU_CL_CASE(3, 2, 2)
+    }
+#undef FREEU_CL_CASE
+}
+
 template <class T> void run_items_typed(const Plan& p, std::atomic<int64_t>& next, int64_t total) {
     const FreeuFusedConcatArgs& a = *p.a;
     Scratch scratch(a);
-    const int64_t backbone_per_sample = a.cx * a.f;
-    const int64_t skip_per_sample = a.ch * a.f;
+    const int64_t backbone_per_sample = p.channels_major ? a.f * a.h : a.cx * a.f;
+    const int64_t blocks = (a.ch + channel_block<T>() - 1) / channel_block<T>();
+    const int64_t skip_per_sample = p.channels_major ? a.f * blocks : a.ch * a.f;
     constexpr int64_t kBlock = 8;  // items taken at once: few atomic operations, even balance
     for (;;) {
         const int64_t begin = next.fetch_add(kBlock, std::memory_order_relaxed);
@@ -524,11 +679,19 @@ template <class T> void run_items_typed(const Plan& p, std::atomic<int64_t>& nex
         for (int64_t item = begin; item < end; ++item) {
             if (item < p.backbone_items) {
                 const int64_t n = item / backbone_per_sample, rest = item % backbone_per_sample;
-                backbone_plane<T>(p, n, rest / a.f, rest % a.f, scratch);
+                if (p.channels_major) {
+                    backbone_row_channels_last<T>(p, n, rest / a.h, rest % a.h);
+                } else {
+                    backbone_plane<T>(p, n, rest / a.f, rest % a.f, scratch);
+                }
             } else {
                 const int64_t k = item - p.backbone_items;
                 const int64_t n = k / skip_per_sample, rest = k % skip_per_sample;
-                skip_plane<T>(p, n, rest / a.f, rest % a.f, scratch);
+                if (p.channels_major) {
+                    skip_block_channels_last_any<T>(p, n, rest / blocks, rest % blocks * channel_block<T>());
+                } else {
+                    skip_plane<T>(p, n, rest / a.f, rest % a.f, scratch);
+                }
             }
         }
     }

@@ -22,7 +22,7 @@ import torch
 
 from .backends import registry
 from .reference import structure_map
-from .spec import Backend, FreeUSpec, allocate_output, check_factor, make_spec
+from .spec import Backend, FreeUSpec, allocate_output, check_factor, make_spec, output_memory_format
 
 __all__ = ["fused_concat", "available_backends", "resolve_backend", "ENV_BACKEND"]
 
@@ -44,12 +44,14 @@ def available_backends(device: Optional[torch.device | str] = None) -> List[str]
     return [name for name in order if registry.is_available(name, device)]
 
 
-def resolve_backend(requested: Optional[str], device: torch.device, spec: Optional[FreeUSpec] = None) -> Backend:
+def resolve_backend(requested: Optional[str], device: torch.device, spec: Optional[FreeUSpec] = None, *,
+                    channels_last: bool = False) -> Backend:
     """The backend that will run: the requested one (argument, else $FREEU_KERNELS_BACKEND), else the best.
 
     An explicitly requested backend that cannot run on ``device`` raises ValueError. The automatic
     choice passes over backends that do not suit the call (registry.suits: the fused kernels for
-    float64, the CPU kernel for planes narrower than 16 columns). Masks with more
+    float64, the CPU kernel for contiguous planes narrower than 16 columns; ``channels_last`` says the
+    output is channels_last). Masks with more
     frequencies than the fused kernels handle (spec.uses_fft_fallback) run on the torch backend's FFT path.
     """
     name = requested if requested not in (None, Backend.AUTO, "auto") else os.environ.get(ENV_BACKEND) or "auto"
@@ -59,7 +61,7 @@ def resolve_backend(requested: Optional[str], device: torch.device, spec: Option
         raise ValueError(f"backend must be one of {[b.value for b in Backend]}, got {name!r}") from None
     if backend is Backend.AUTO:
         backend = Backend(next(n for n in registry.auto_order(device)
-                               if registry.is_available(n, device) and registry.suits(n, spec)))
+                               if registry.is_available(n, device) and registry.suits(n, spec, channels_last)))
     elif not registry.is_available(backend.value, device):
         raise ValueError(
             f"backend {backend.value!r} is not available for {device.type} tensors "
@@ -91,7 +93,8 @@ def _fused_concat_op(
     spec = make_spec(x, h, threshold, version, backbone_channels, high_gain, mask)
     check_factor("b", b, x.device)
     check_factor("s", s, x.device)
-    chosen = resolve_backend(backend, x.device, spec)
+    chosen = resolve_backend(backend, x.device, spec,
+                             channels_last=output_memory_format(x) != torch.contiguous_format)
     factor_dtype = _factor_dtype(x.dtype)
     b = b.to(factor_dtype)
     s = s.to(factor_dtype)

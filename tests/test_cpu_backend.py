@@ -155,3 +155,25 @@ def test_bfloat16_nan_stays_in_its_plane_on_the_word_path(monkeypatch, isa):
     assert nan[0, 0].sum() == 1 and nan[0, 0, 1, 5]  # backbone: that element only
     assert nan[0, 3].all()  # the skip plane with the NaN: all of it, as the FFT reference
     assert not nan[0, 1].any() and not nan[0, 2].any() and not nan[0, 4].any()
+
+
+@needs_library
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", [{}, dict(version=2, mask="radial", high_gain=1.1), dict(threshold=2)],
+                         ids=["v1", "v2_radial_high_gain", "threshold2_planar"])
+def test_channels_last_runs_across_channels(monkeypatch, isa, dtype, options):
+    """channels_last with 1 or 2 frequencies per axis runs across channels: blocks of 32 bfloat16 words
+    or 16 channels, with a narrower last block (40 skip channels); 37 backbone channels, window and v2
+    map per pixel. threshold=2 (4 per axis) takes the planar kernels on strided planes instead."""
+    monkeypatch.setenv(cpu_backend.ENV_ISA, isa)
+    if cpu_backend.isa() != isa:
+        pytest.skip(f"this processor does not run the {isa} copy")
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 37, 5, 9, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    h = (torch.randn(2, 40, 5, 9, generator=gen) + 1.0).to(dtype).contiguous(memory_format=torch.channels_last)
+    options = dict(options)
+    threshold = options.pop("threshold", 1)
+    out = fused_concat(x, h, 1.3, 0.4, threshold=threshold, backend="cpu", backbone_channels=(3, 30), **options)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_matches_oracle(out, oracle(x, h, 1.3, 0.4, threshold, backbone_channels=(3, 30), **options), dtype)

@@ -150,6 +150,9 @@ def test_auto_on_cpu_sends_narrow_planes_to_the_torch_backend():
     narrow, wide = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 16)
     assert freeu_kernels.resolve_backend("auto", torch.device("cpu"), make_spec(narrow, narrow)).value == "torch"
     assert freeu_kernels.resolve_backend("auto", torch.device("cpu"), make_spec(wide, wide)).value == "cpu"
+    # channels_last runs across channels, where narrow planes cost the kernel nothing extra
+    assert freeu_kernels.resolve_backend("auto", torch.device("cpu"), make_spec(narrow, narrow),
+                                         channels_last=True).value == "cpu"
 
 
 def test_auto_passes_over_fused_kernels_for_float64():

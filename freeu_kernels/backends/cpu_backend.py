@@ -10,13 +10,11 @@ copy (bench/results/cpu/report.md has both side by side).
 The library, ``freeu_kernels/_lib/libfreeu_kernels_cpu.so``, is built by setup.py with the system C++
 compiler (g++ or clang++, C++17 with _Float16); $FREEU_KERNELS_CPU_LIB points at another build. Threads:
 ``torch.get_num_threads()``, so ``torch.set_num_threads`` governs this backend like PyTorch's own CPU ops.
-Planes whose rows are contiguous take the vectorised column-strip path; any other stride pattern goes
-through the kernel's row path, correctly, more slowly. channels_last (planes strided by the channel
-count) is the slow case: about as slow as the torch backend on it, 10x to 40x torch.cat (measured), and
-still faster than converting to contiguous and back, which costs PyTorch's CPU transposes 10 ms to 40 ms
-per SDXL-sized tensor on the measured machine. A channels-major kernel path is future work.
-Planes narrower than 16 columns fill only part of the kernel's 16-lane vectors: the automatic choice
-sends them to the torch backend (registry.py).
+Planes whose rows are contiguous take the vectorised column-strip path. channels_last inputs (planes
+strided by the channel count) are vectorised across channels instead, blocks of 16 channels (32 for
+bfloat16) per work item, for bands of 1 or 2 frequencies per axis; other bands and stride patterns go
+through the kernel's row path, correctly, more slowly. Contiguous planes narrower than 16 columns fill
+only part of the kernel's vectors: the automatic choice sends them to the torch backend (registry.py).
 """
 
 from __future__ import annotations
