@@ -19,8 +19,8 @@ from ..spec import KERNEL_DTYPES
 # Automatic choice on CUDA tensors, best first. Triton leads because it is the backend CI exercises on
 # every submission (through its interpreter); the CUDA C++ kernel follows until GPU measurements in
 # bench/results/ show it ahead. On CPU tensors the fused C++ kernel leads when it was built (measured
-# ahead of the torch backend in bench/results/cpu/) and the planes are at least CPU_KERNEL_MIN_WIDTH
-# wide; the Triton interpreter is for tests, not for speed. Elsewhere (MPS, ...) "auto" is the torch
+# ahead of the torch backend in bench/results/cpu/), for channels_last inputs or planes at least
+# CPU_KERNEL_MIN_WIDTH wide (suits()); the Triton interpreter is for tests, not for speed. Elsewhere (MPS, ...) "auto" is the torch
 # backend. The fused kernels compute float16, bfloat16 and float32 only; the automatic choice passes
 # them over for other dtypes (suits()).
 CUDA_PREFERENCE = ("triton", "cuda", "torch")
