@@ -80,9 +80,12 @@ void twiddles(int64_t size, int64_t pitch, int64_t k0, int count, std::vector<fl
     for (int j = 0; j < count; ++j) {
         const int64_t k = ((k0 + j) % size + size) % size;
         for (int64_t n = 0; n < size; ++n) {
-            const double angle = 2.0 * M_PI * double((k * n) % size) / double(size);
+            const int64_t turn = (k * n) % size;  // angle = 2 pi turn / size
+            const double angle = 2.0 * M_PI * double(turn) / double(size);
             c[size_t(j) * pitch + n] = float(std::cos(angle));
-            s[size_t(j) * pitch + n] = float(std::sin(angle));
+            // a multiple of pi: the sine is exactly 0 (std::sin(pi) is 1.2e-16), so all-zero sine rows
+            // (frequency 0, the Nyquist frequency) are recognised and skipped by the kernels
+            s[size_t(j) * pitch + n] = (2 * turn) % size == 0 ? 0.f : float(std::sin(angle));
         }
     }
 }

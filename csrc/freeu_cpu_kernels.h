@@ -69,11 +69,20 @@ template <class T> inline void store_plane(T* plane, const FreeuView& v, int64_t
 inline int64_t padded(int64_t w) { return (w + 15) / 16 * 16; }
 
 // Per-thread buffers, sized once per call.
+// Sized on first use: the common paths (contiguous rows or channels_last, threshold 1) need none of them.
 struct Scratch {
-    std::vector<float> plane, row, vc, vs, a, b;
-    explicit Scratch(const FreeuFusedConcatArgs& args)
-        : plane(size_t(args.h) * size_t(args.w)), row(size_t(args.w)), vc(size_t(args.ny) * size_t(args.w)),
-          vs(vc.size()), a(vc.size()), b(vc.size()) {}
+    explicit Scratch(const FreeuFusedConcatArgs& call) : args(call) {}
+    float* row() { return sized(row_buffer, size_t(args.w)); }                    // one row of W
+    float* plane() { return sized(plane_buffer, size_t(args.h) * size_t(args.w)); }  // H x W
+    float* moment_rows() { return sized(moment_buffer, 4 * size_t(args.ny) * size_t(args.w)); }  // vc|vs|a|b
+
+  private:
+    static float* sized(std::vector<float>& buffer, size_t count) {
+        if (buffer.size() < count) buffer.resize(count);
+        return buffer.data();
+    }
+    const FreeuFusedConcatArgs& args;
+    std::vector<float> row_buffer, plane_buffer, moment_buffer;
 };
 
 // Sixteen lanes as one GCC vector (an AVX-512 register, two AVX2 or four SSE registers): accumulators
@@ -175,7 +184,6 @@ template <class T> void backbone_plane(const Plan& p, int64_t n, int64_t c, int6
     const FreeuFusedConcatArgs& a = *p.a;
     const T* src = plane_at<T>(a.x, n, c, f);
     T* dst = plane_at_mut<T>(a.out_x, n, c, f);
-    float* row = scratch.row.data();
     const bool scaled = c >= a.window_start && c < a.window_stop;
     const bool mapped = scaled && a.version == 2;
     const bool flat = (a.w == 1 || (a.x.stride[4] == 1 && a.out_x.stride[4] == 1)) &&
@@ -188,6 +196,7 @@ template <class T> void backbone_plane(const Plan& p, int64_t n, int64_t c, int6
         }
         return;
     }
+    float* row = scratch.row();
     for (int64_t y = 0; y < a.h; ++y) {
         if (!scaled) {  // outside the window: a bit-exact copy
             const T* in = src + y * a.x.stride[3];
@@ -271,7 +280,8 @@ inline float dot(const float* u, const float* v, int64_t w) {
 
 // The masked coefficients of a plane from its column moments vc, vs (ny x W each), folded into the
 // update's coefficient rows ra, rb (ny x W each). Twiddle rows that are identically zero (the sine of
-// frequency 0, and of the Nyquist frequency of an even size) are skipped: their moments are zero.
+// frequency 0, and of the Nyquist frequency of an even size: twiddles() makes them exact zeros) are
+// skipped: their moments are zero.
 inline void coefficient_rows(const Plan& p, int ny, int nx, int64_t W, const float* vc, const float* vs, float* ra,
                              float* rb) {
     std::fill(ra, ra + size_t(ny) * W, 0.f);
@@ -462,9 +472,9 @@ template <class T> void skip_plane_rows(const Plan& p, const T* src, T* dst, Scr
     const FreeuFusedConcatArgs& a = *p.a;
     const int64_t H = a.h, W = a.w;
     const int ny = p.ny;
-    float* plane = scratch.plane.data();
-    float* vc = scratch.vc.data();
-    float* vs = scratch.vs.data();
+    float* plane = scratch.plane();
+    float* vc = scratch.moment_rows();
+    float* vs = vc + size_t(ny) * W;
     std::fill(vc, vc + size_t(ny) * W, 0.f);
     std::fill(vs, vs + size_t(ny) * W, 0.f);
     float cy[kMaxFrequencies], sy[kMaxFrequencies];
@@ -473,8 +483,8 @@ template <class T> void skip_plane_rows(const Plan& p, const T* src, T* dst, Scr
         for (int i = 0; i < ny; ++i) cy[i] = p.cos_y[size_t(i) * H + y], sy[i] = p.sin_y[size_t(i) * H + y];
         accumulate_row<0>(plane + y * W, W, cy, sy, vc, vs, ny);
     }
-    float* ra = scratch.a.data();
-    float* rb = scratch.b.data();
+    float* ra = vs + size_t(ny) * W;
+    float* rb = ra + size_t(ny) * W;
     coefficient_rows(p, ny, p.nx, W, vc, vs, ra, rb);
     for (int64_t y = 0; y < H; ++y) {
         for (int i = 0; i < ny; ++i) cy[i] = p.cos_y[size_t(i) * H + y], sy[i] = p.sin_y[size_t(i) * H + y];
@@ -488,7 +498,7 @@ template <class T> void skip_plane(const Plan& p, int64_t n, int64_t c, int64_t 
     const T* src = plane_at<T>(a.skip, n, c, f);
     T* dst = plane_at_mut<T>(a.out_skip, n, c, f);
     if (p.ny == 0 || p.nx == 0) {  // empty mask: every frequency has gain g_hi
-        float* row = scratch.row.data();
+        float* row = scratch.row();
         for (int64_t y = 0; y < a.h; ++y) {
             load_row(src, a.skip, y, a.w, row);
             const float g = p.high_gain;

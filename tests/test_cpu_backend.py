@@ -24,6 +24,13 @@ needs_library = pytest.mark.skipif(cpu_backend.load_error() is not None,
 ISAS = ("baseline", "x86-64-v3", "x86-64-v4")
 
 
+def use_isa(monkeypatch, isa: str) -> None:
+    """Run the kernel copy compiled for ``isa``; skip where this processor does not run it."""
+    monkeypatch.setenv(cpu_backend.ENV_ISA, isa)
+    if cpu_backend.isa() != isa:
+        pytest.skip(f"this processor does not run the {isa} copy")
+
+
 def test_library_was_built_where_ci_expects_it():
     """.ci/run sets FREEU_KERNELS_EXPECT_CPU_KERNEL=1: there the backend must not silently go missing."""
     if os.environ.get("FREEU_KERNELS_EXPECT_CPU_KERNEL") != "1":
@@ -42,9 +49,7 @@ def test_library_was_built_where_ci_expects_it():
     ((2, 5, 2, 16, 16), 2, dict(backbone_channels=(1, 4))),    # 5-D, one full strip
 ])
 def test_every_instruction_set_copy_matches_oracle(monkeypatch, isa, dtype, shape, threshold, options):
-    monkeypatch.setenv(cpu_backend.ENV_ISA, isa)
-    if cpu_backend.isa() != isa:
-        pytest.skip(f"this processor does not run the {isa} copy")
+    use_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(shape, generator=gen).to(dtype)
     h = (torch.randn(shape, generator=gen) + 2.0).to(dtype)
@@ -103,9 +108,7 @@ def test_strip_path_on_bands_no_mask_makes(monkeypatch, isa, band):
     from freeu_kernels.backends.torch_backend import fused_concat_torch
     from freeu_kernels.spec import FrequencyBand, make_spec
 
-    monkeypatch.setenv(cpu_backend.ENV_ISA, isa)
-    if cpu_backend.isa() != isa:
-        pytest.skip(f"this processor does not run the {isa} copy")
+    use_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(2, 3, 20, 36, generator=gen)
     h = torch.randn(2, 4, 20, 36, generator=gen) + 1.0
@@ -124,9 +127,7 @@ def test_bfloat16_scaling_rounds_like_torch_bit_for_bit(monkeypatch, isa, width)
     """The scaled window is x * b rounded once to nearest even, as torch rounds: equal bits, with
     infinities, denormals and values that round to the largest finite number among the inputs.
     Widths: whole 32-column word blocks, blocks plus a tail, a tail alone."""
-    monkeypatch.setenv(cpu_backend.ENV_ISA, isa)
-    if cpu_backend.isa() != isa:
-        pytest.skip(f"this processor does not run the {isa} copy")
+    use_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(13)
     x = torch.randn(2, 4, 6, width, generator=gen).to(torch.bfloat16)
     special = torch.tensor([float("inf"), -float("inf"), 1e-39, -3e-40, 3.3e38, -0.0, 0.0, 1.0],
@@ -143,9 +144,7 @@ def test_bfloat16_scaling_rounds_like_torch_bit_for_bit(monkeypatch, isa, width)
 @needs_library
 @pytest.mark.parametrize("isa", ISAS)
 def test_bfloat16_nan_stays_in_its_plane_on_the_word_path(monkeypatch, isa):
-    monkeypatch.setenv(cpu_backend.ENV_ISA, isa)
-    if cpu_backend.isa() != isa:
-        pytest.skip(f"this processor does not run the {isa} copy")
+    use_isa(monkeypatch, isa)
     x = torch.randn(1, 2, 4, 64).to(torch.bfloat16)
     h = torch.randn(1, 3, 4, 64).to(torch.bfloat16)
     x[0, 0, 1, 5] = float("nan")
@@ -166,9 +165,7 @@ def test_channels_last_runs_across_channels(monkeypatch, isa, dtype, options):
     """channels_last with 1 or 2 frequencies per axis runs across channels: blocks of 32 bfloat16 words
     or 16 channels, with a narrower last block (40 skip channels); 37 backbone channels, window and v2
     map per pixel. threshold=2 (4 per axis) takes the planar kernels on strided planes instead."""
-    monkeypatch.setenv(cpu_backend.ENV_ISA, isa)
-    if cpu_backend.isa() != isa:
-        pytest.skip(f"this processor does not run the {isa} copy")
+    use_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(17)
     x = torch.randn(2, 37, 5, 9, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
     h = (torch.randn(2, 40, 5, 9, generator=gen) + 1.0).to(dtype).contiguous(memory_format=torch.channels_last)

@@ -14,9 +14,8 @@ output are all read and written with coalesced 16-byte vectors.
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -39,17 +38,13 @@ def library_path() -> Path:
     return _LIBRARY.path()
 
 
-def _library() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
-    return _LIBRARY.load()
-
-
 def load_error() -> Optional[str]:
     """None when the kernel library is loaded and a CUDA device is present, else the reason."""
     if torch.version.cuda is None:
         return "torch is a CPU-only build (torch.version.cuda is None)"
     if not torch.cuda.is_available():
         return "no CUDA device is visible (torch.cuda.is_available() is False)"
-    return _library()[1]
+    return _LIBRARY.load()[1]
 
 
 _PREPARED = set()
