@@ -13,11 +13,14 @@ need no torch headers and one binary serves every torch and Python version:
 When the CUDA library is built:
   * FREEU_KERNELS_SKIP_CUDA_BUILD=1            never;
   * no nvcc ($CUDA_HOME/bin, $CUDA_PATH/bin, PATH, /usr/local/cuda/bin)  never;
-  * torch importable and a CPU-only build      never (the library could not run);
-  * otherwise (torch with CUDA, or torch absent, as in pip's isolated build environment)  yes.
-A failed compilation prints a warning and the package installs without it (set
-FREEU_KERNELS_REQUIRE_CUDA_BUILD=1 to make it an error instead); the "cuda" backend then reports why it is
-unavailable and the other backends work as before.
+  * the torch that will run is a CPU-only build  never (the library could not run). pip's isolated build
+    environment hides the installed torch, so when torch cannot be imported here setup.py reads
+    torch/version.py of the environment being installed into (its site-packages) without importing it;
+  * otherwise (torch with CUDA, or no torch installed at all, e.g. when pip installs it as a dependency)  yes.
+FREEU_KERNELS_REQUIRE_CUDA_BUILD=1 builds it whatever torch is installed (for another machine, say) and
+turns a failure into an error. A failed compilation otherwise prints a warning and the package installs
+without it; the "cuda" backend then reports why it is unavailable and the other backends work as before.
+pip shows these messages (and the compiler's progress) only with `pip install -v`.
 
 Architectures: $FREEU_KERNELS_CUDA_ARCH_LIST, else $TORCH_CUDA_ARCH_LIST (both "8.0;8.6;9.0+PTX" style),
 else the visible GPUs' compute capabilities (torch, else nvidia-smi), else 8.0, 8.6, 8.9, 9.0. The highest
@@ -64,11 +67,47 @@ def find_nvcc():
     return str(fallback) if fallback.is_file() else None
 
 
+def _installed_torch_cuda():
+    """The installed torch's CUDA version as torch/version.py records it, read without importing torch.
+
+    pip builds in an isolated environment whose sys.path hides the target environment's packages, but
+    sys.prefix is still that environment, so its site-packages (and the user site) can be looked at.
+    Returns ("cuda" | "cpu", path) for the first torch/version.py found, or (None, None).
+    """
+    import ast
+    import site
+    import sysconfig
+
+    places = [sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    try:
+        places.append(site.getusersitepackages())
+    except Exception:
+        pass
+    for place in dict.fromkeys(p for p in places if p):
+        version_file = Path(place) / "torch" / "version.py"
+        if not version_file.is_file():
+            continue
+        try:
+            tree = ast.parse(version_file.read_text())
+        except (OSError, SyntaxError):
+            continue
+        for node in tree.body:
+            target = node.target if isinstance(node, ast.AnnAssign) else (
+                node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+            if isinstance(target, ast.Name) and target.id == "cuda" and isinstance(node.value, ast.Constant):
+                return ("cpu" if node.value.value is None else "cuda"), version_file
+    return None, None
+
+
 def _torch_state():
     """("cuda" | "cpu" | "absent", visible compute capabilities as "X.Y" strings)."""
     try:
         import torch  # noqa: F401  (optional: pip's isolated build environment has no torch)
     except Exception:
+        kind, where = _installed_torch_cuda()
+        if kind is not None:
+            _log(f"torch is not importable in the build environment; {where} says a {kind.upper()} build is installed")
+            return kind, []
         return "absent", []
     if torch.version.cuda is None:
         return "cpu", []
@@ -143,8 +182,9 @@ def cuda_build_plan():
     if nvcc is None:
         return None, "nvcc was not found", []
     state, caps = _torch_state()
-    if state == "cpu":
-        return None, "torch is a CPU-only build (torch.version.cuda is None)", []
+    if state == "cpu" and not _truthy("FREEU_KERNELS_REQUIRE_CUDA_BUILD"):
+        return None, ("torch is a CPU-only build (torch.version.cuda is None); set FREEU_KERNELS_REQUIRE_CUDA_BUILD=1 "
+                      "to build it anyway"), []
     return nvcc, "", caps
 
 

@@ -11,7 +11,9 @@ times, at thresholds 1..16 for the box and the radial mask, on the same inputs a
 
 The cutover is lifted or lowered by setting the module constant for the duration of each call (the spec
 reads it on every call); nothing else in the package changes. Every output is checked against the
-reference before it is timed.
+reference before it is timed. The fused kernels (cpu, triton, cuda) hold at most
+KERNEL_MAX_FREQUENCIES_PER_AXIS frequencies per axis in registers; thresholds past that are not run on
+them and their rows say "not supported by this backend" (the torch backend's low-rank filter has no limit).
 """
 
 from __future__ import annotations
@@ -27,15 +29,19 @@ import freeu_kernels
 from freeu_kernels import spec as freeu_spec
 
 from .cases import SHORT_DTYPE, CrossoverCase
+from .names import FFT, NOT_SUPPORTED
 from .op_bench import check_output, expected_output, measure_each
 from .providers import make_inputs
 from .results import find_rows, result_row
 from .timing import TimingBudget
 
-__all__ = ["run_crossover", "summarize_crossover", "frequencies_per_axis", "FFT", "lowrank_name"]
+__all__ = ["iter_crossover", "summarize_crossover", "frequencies_per_axis", "lowrank_name", "crossover_verdict",
+           "KERNEL_MAX_FREQUENCIES_PER_AXIS"]
 
-FFT = "fft"
 _NEVER = 1 << 30
+# The fused kernels' own bound (csrc: kMaxFrequencies / kMaxAxisFreq), the package's cutover as shipped; read
+# once at import, before any measurement moves the module constant.
+KERNEL_MAX_FREQUENCIES_PER_AXIS = freeu_spec.MAX_LOWRANK_FREQUENCIES_PER_AXIS
 
 
 def lowrank_name(backend: str) -> str:
@@ -75,10 +81,10 @@ def _crossover_backends(device: torch.device) -> List[str]:
     return [name for name in freeu_kernels.available_backends(device) if not (name == "triton" and device.type == "cpu")]
 
 
-def run_crossover(cases: Sequence[CrossoverCase], device: torch.device, budget: TimingBudget, environment: Dict,
-                  *, progress: Optional[TextIO] = sys.stderr) -> List[Dict]:
-    """Rows of section "crossover": each low-rank backend and the FFT path at every threshold and mask."""
-    rows: List[Dict] = []
+def iter_crossover(cases: Sequence[CrossoverCase], device: torch.device, budget: TimingBudget, environment: Dict,
+                   *, progress: Optional[TextIO] = sys.stderr) -> Iterator[List[Dict]]:
+    """Rows of section "crossover": each low-rank backend and the FFT path at every threshold and mask,
+    yielded per (shape, dtype, mask, threshold) point as it finishes."""
     backends = _crossover_backends(device)
     for index, crossover in enumerate(cases, 1):
         started = time.perf_counter()
@@ -87,10 +93,15 @@ def run_crossover(cases: Sequence[CrossoverCase], device: torch.device, budget: 
         for mask in crossover.masks:
             for threshold in crossover.thresholds:
                 inputs.case = crossover.at(threshold, mask)
-                calls = {lowrank_name(name): _forced_call(inputs, name, _NEVER) for name in backends}
+                count = frequencies_per_axis(height, width, threshold, mask)
+                supported = [name for name in backends if name == "torch" or count <= KERNEL_MAX_FREQUENCIES_PER_AXIS]
+                calls = {lowrank_name(name): _forced_call(inputs, name, _NEVER) for name in supported}
                 calls[FFT] = _forced_call(inputs, "torch", 0)
                 expected = expected_output(inputs)
                 checks, notes = {}, {}
+                unsupported = {lowrank_name(name): f"{NOT_SUPPORTED} ({count} frequencies per axis; its kernel "
+                                                   f"holds at most {KERNEL_MAX_FREQUENCIES_PER_AXIS})"
+                               for name in backends if name not in supported}
                 for name, call in list(calls.items()):
                     try:
                         checks[name] = check_output(call(), expected, crossover.dtype)
@@ -99,16 +110,17 @@ def run_crossover(cases: Sequence[CrossoverCase], device: torch.device, budget: 
                         del calls[name]
                 timings, errors = measure_each(calls, device, budget)
                 notes.update(errors)
-                freqs = f"{frequencies_per_axis(height, width, threshold, mask)} frequencies per axis"
-                rows += [result_row("crossover", inputs.case, name, "eager", timing, environment,
-                                    check=checks.get(name, ""), note=freqs) for name, timing in timings.items()]
+                notes.update(unsupported)
+                rows = [result_row("crossover", inputs.case, name, "eager", timing, environment,
+                                   check=checks.get(name, ""), note=f"{count} frequencies per axis")
+                        for name, timing in timings.items()]
                 rows += [result_row("crossover", inputs.case, name, "eager", None, environment, note=note)
                          for name, note in notes.items()]
+                yield rows
         if progress is not None:
             print(f"[crossover {index}/{len(cases)}] {crossover.title} {crossover.x_shape} "
                   f"{SHORT_DTYPE[crossover.dtype]}: {len(crossover.thresholds)} thresholds x "
                   f"{len(crossover.masks)} masks  [{time.perf_counter() - started:.1f} s]", file=progress, flush=True)
-    return rows
 
 
 def _clearly_faster(first: Dict, second: Dict) -> bool:
@@ -165,10 +177,10 @@ def _last_of_leading_run(flags: Sequence[bool], frequencies: Sequence[int]) -> i
 
 
 def crossover_verdict(summaries: Sequence[Dict]) -> List[str]:
-    """One sentence per summary, then whether the package's cutover should move (from measured data only)."""
+    """One sentence per series, then how the package's cutover compares with them (measured facts only)."""
     current = freeu_spec.MAX_LOWRANK_FREQUENCIES_PER_AXIS
     lines = []
-    raise_to, lower_to = [], []
+    lowrank_past, fft_below = [], []
     for item in summaries:
         where = f"{item['provider']} {item['x_shape']} {item['dtype']} {item['mask']}"
         clear = item["fft_clear_from"]
@@ -179,24 +191,21 @@ def crossover_verdict(summaries: Sequence[Dict]) -> List[str]:
         if not item["monotone"]:
             text += "; not monotone (the low-rank path wins again past its first loss: noise or a plateau)"
         lines.append(text)
-        # Move the cutover only on evidence beyond the noise: low-rank clearly faster past it, or the FFT
+        # Only differences beyond the noise count: low-rank clearly faster past the cutover, or the FFT
         # clearly faster at or below it.
         if item["lowrank_clear_up_to"] > current:
-            raise_to.append(item["lowrank_clear_up_to"])
+            lowrank_past.append(where)
         elif clear is not None and clear <= current:
-            lower_to.append(item["best_cutover"])
+            fft_below.append((where, clear))
     if not summaries:
         return lines
-    if raise_to and lower_to:
-        advice = (f"the measurements disagree (some favour raising it to {min(raise_to)}, some lowering it to "
-                  f"{max(lower_to)}): keep {current} until a quieter or device-specific measurement")
-    elif lower_to:
-        advice = f"the FFT is clearly faster below it in {len(lower_to)} of {len(summaries)} series: lower it to {min(lower_to)}"
-    elif raise_to:
-        advice = (f"the low-rank path is still faster past it in {len(raise_to)} of {len(summaries)} series: it could "
-                  f"rise to {min(raise_to)}")
-    else:
-        advice = "every series is consistent with it: keep it"
-    lines.append(f"Cutover MAX_LOWRANK_FREQUENCIES_PER_AXIS = {current}: {advice} (this device only; each fused "
-                 "backend has its own crossover).")
+    facts = []
+    if fft_below:
+        facts.append(f"the FFT path was clearly faster at or below it in {len(fft_below)} of {len(summaries)} series "
+                     f"(from {min(c for _, c in fft_below)} frequencies per axis)")
+    if lowrank_past:
+        facts.append(f"the low-rank path was clearly faster past it in {len(lowrank_past)} of {len(summaries)} series")
+    summary = "; ".join(facts) if facts else "every series is consistent with it"
+    lines.append(f"The op switches to the FFT path past {current} frequencies per axis: {summary} (this device and "
+                 "these backends only).")
     return lines

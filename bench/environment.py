@@ -11,7 +11,7 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["collect_environment", "pick_device", "last_level_cache_bytes", "load_average"]
+__all__ = ["collect_environment", "pick_device", "last_level_cache_bytes", "load_average", "host_isa"]
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +40,29 @@ def _cpu_model_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def host_isa() -> str:
+    """The vector instruction set of the host CPU, as the cpu kernel's copies are split: "AVX-512" (the
+    x86-64-v4 subset: F, BW, CD, DQ, VL; "+BF16" when AVX512_BF16 is there too), "AVX2" (x86-64-v3: AVX2,
+    FMA, BMI2), else "other (<machine>)" (ARM, Apple, older x86)."""
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags:
+        return "AVX-512" + ("+BF16" if "avx512_bf16" in flags else "")
+    if {"avx2", "fma", "bmi2"} <= flags:
+        return "AVX2"
+    return f"other ({platform.machine()})"
 
 
 def last_level_cache_bytes() -> Optional[int]:
@@ -100,6 +123,7 @@ def collect_environment(device: torch.device) -> Dict[str, object]:
         "cpu_llc_bytes": last_level_cache_bytes(),
         "load_average_start": load_average(),
         "cpu_kernel": _cpu_kernel(),
+        "isa": f"{host_isa()}, cpu kernel {_cpu_kernel()}",
     }
 
 

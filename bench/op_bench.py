@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 
 import freeu_kernels
 
 from .cases import Case
-from .providers import CaseInputs, Prepared, Provider, is_fused, make_inputs, DIFFUSERS, TORCH_CAT
+from .memory import CallProfile, profile_call
+from .names import DIFFUSERS, TORCH_CAT, fused_provider_name
+from .providers import CaseInputs, Prepared, Provider, default_backend, make_inputs
 from .results import result_row
 from .timing import Timing, TimingBudget, capture_cuda_graph, format_seconds, measure
 
-__all__ = ["run_op_cases", "check_output", "expected_output", "measure_each", "TOLERANCE", "GRAPH_MAX_BYTES"]
+__all__ = ["iter_op_cases", "check_output", "expected_output", "measure_each", "profile_columns", "TOLERANCE",
+           "GRAPH_MAX_BYTES"]
 
 # Max |error| / max(1, max |expected|) a FreeU provider may show against the float32 reference: a few
 # rounding steps of the dtype (outputs are rounded once; the reference scales x in the dtype itself).
@@ -66,10 +69,20 @@ def measure_each(calls: Dict[str, Callable[[], object]], device: torch.device, b
     return timings, errors
 
 
+def profile_columns(call: Callable[[], object], device: torch.device) -> Dict:
+    """peak_extra_bytes and aten_ops of one untimed call (bench/memory.py); empty if profiling fails."""
+    try:
+        measured: CallProfile = profile_call(call, device)
+    except Exception:  # noqa: BLE001 - the timing row stands without its memory columns
+        return {}
+    return {"peak_extra_bytes": measured.peak_extra_bytes, "aten_ops": measured.aten_ops}
+
+
 def _prepare_all(inputs: CaseInputs, providers: Sequence[Provider], device: torch.device
-                 ) -> Tuple[Dict[str, Prepared], Dict[str, str], Dict[str, str]]:
-    """Prepare each provider and run it once against the oracle. Returns (ready, checks, notes)."""
-    ready, checks, notes = {}, {}, {}
+                 ) -> Tuple[Dict[str, Prepared], Dict[str, str], Dict[str, str], Dict[str, Dict]]:
+    """Prepare each provider, run it once against the oracle and once under the memory profiler.
+    Returns (ready, checks, notes, profile columns by provider)."""
+    ready, checks, notes, profiles = {}, {}, {}, {}
     expected: Optional[torch.Tensor] = None
     for provider in providers:
         reason = provider.unavailable(inputs.case, device)
@@ -88,7 +101,8 @@ def _prepare_all(inputs: CaseInputs, providers: Sequence[Provider], device: torc
             notes[provider.name] = "failed: " + _describe_error(error)
             continue
         ready[provider.name] = prepared
-    return ready, checks, notes
+        profiles[provider.name] = profile_columns(prepared.call, device)
+    return ready, checks, notes, profiles
 
 
 def _graph_calls(ready: Dict[str, Prepared], notes: Dict[str, str]) -> Dict[str, Callable[[], None]]:
@@ -105,30 +119,32 @@ def _graph_calls(ready: Dict[str, Prepared], notes: Dict[str, str]) -> Dict[str,
     return graphed
 
 
-def _progress_line(index: int, total: int, case: Case, timings: Dict[str, Timing], seconds: float) -> str:
+def _progress_line(index: int, total: int, case: Case, timings: Dict[str, Timing], seconds: float,
+                   default: Optional[str]) -> str:
     parts = [f"{name} {format_seconds(t.median_s)}" for name, t in timings.items()]
-    fused = {name: t for name, t in timings.items() if is_fused(name)}
-    if fused:
-        best_name, best = min(fused.items(), key=lambda item: item[1].median_s)
+    default_name = None if default is None else fused_provider_name(default)
+    if default_name in timings:
+        best_name, best = default_name, timings[default_name]
         ratios = []
         if DIFFUSERS in timings:
             ratios.append(f"{timings[DIFFUSERS].median_s / best.median_s:.1f}x faster than diffusers")
         if TORCH_CAT in timings:
             ratios.append(f"{best.median_s / timings[TORCH_CAT].median_s:.2f}x torch.cat")
-        parts.append(f"=> {best_name}: " + ", ".join(ratios))
+        parts.append(f"=> default {best_name}: " + ", ".join(ratios))
     return (f"[{index}/{total}] {case.label} ({case.bytes_moved / 1e6:.1f} MB): " + " | ".join(parts)
             + f"  [{seconds:.1f} s]")
 
 
-def run_op_cases(cases: Sequence[Case], providers: Sequence[Provider], device: torch.device,
-                 budget: TimingBudget, environment: Dict, *, graphs: bool = True,
-                 progress: Optional[TextIO] = sys.stderr) -> List[Dict]:
-    """Time every provider on every case; one results row per (case, provider, mode)."""
-    rows: List[Dict] = []
+def iter_op_cases(cases: Sequence[Case], providers: Sequence[Provider], device: torch.device,
+                  budget: TimingBudget, environment: Dict, *, graphs: bool = True,
+                  progress: Optional[TextIO] = sys.stderr) -> Iterator[List[Dict]]:
+    """Time every provider on every case; yield each case's rows (one per provider and mode) as it finishes."""
     for index, case in enumerate(cases, 1):
         started = time.perf_counter()
+        rows: List[Dict] = []
         inputs = make_inputs(case, device)
-        ready, checks, notes = _prepare_all(inputs, providers, device)
+        ready, checks, notes, profiles = _prepare_all(inputs, providers, device)
+        default = {"default_backend": default_backend(inputs)}
         timings, errors = measure_each({name: p.call for name, p in ready.items()}, device, budget)
         notes.update(errors)
         modes = [("eager", timings)]
@@ -138,16 +154,18 @@ def run_op_cases(cases: Sequence[Case], providers: Sequence[Provider], device: t
             graph_timings, graph_errors = measure_each(graphed, device, budget, method_suffix=", CUDA graph")
             graph_notes.update(graph_errors)
             modes.append(("graph", graph_timings))
-            rows += [result_row("op", case, p.name, "graph", None, environment, note=graph_notes[p.name])
+            rows += [result_row("op", case, p.name, "graph", None, environment, note=graph_notes[p.name], **default)
                      for p in providers if p.name in graph_notes]
             del graphed
         for mode, mode_timings in modes:
-            rows += [result_row("op", case, name, mode, timing, environment, check=checks.get(name, ""))
+            # Memory and op counts are of an eager call; a graph replay allocates from the graph's own pool.
+            rows += [result_row("op", case, name, mode, timing, environment, check=checks.get(name, ""),
+                                **(profiles.get(name, {}) if mode == "eager" else {}), **default)
                      for name, timing in mode_timings.items()]
-        rows += [result_row("op", case, p.name, "eager", None, environment, note=notes[p.name])
+        rows += [result_row("op", case, p.name, "eager", None, environment, note=notes[p.name], **default)
                  for p in providers if p.name in notes]
         if progress is not None:
-            print(_progress_line(index, len(cases), case, timings, time.perf_counter() - started), file=progress,
-                  flush=True)
+            print(_progress_line(index, len(cases), case, timings, time.perf_counter() - started,
+                                 default["default_backend"]), file=progress, flush=True)
         del ready, inputs
-    return rows
+        yield rows

@@ -36,8 +36,11 @@ import torch
 
 import freeu_kernels
 from freeu_kernels.backends import registry
+from freeu_kernels.spec import make_spec, output_memory_format
 
 from .cases import Case
+from .names import (COPY, DIFFUSERS, DIFFUSERS_COMPILED, FUSED_PREFIX, REFERENCE, TORCH_CAT, fused_provider_name,
+                    is_fused)
 
 __all__ = [
     "CaseInputs",
@@ -53,18 +56,14 @@ __all__ = [
     "REFERENCE",
     "OP_B",
     "OP_S",
+    "fused_provider_name",
+    "is_fused",
+    "default_backend",
 ]
 
 # Stage-1 SDXL factors from the FreeU README; the time does not depend on them.
 OP_B = 1.3
 OP_S = 0.9
-
-DIFFUSERS = "diffusers"
-DIFFUSERS_COMPILED = "diffusers+compile"
-TORCH_CAT = "torch.cat"
-COPY = "copy"
-REFERENCE = "reference"
-FUSED_PREFIX = "freeu_kernels"
 
 
 @dataclass
@@ -93,6 +92,20 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> CaseInputs:
         b_tensor=torch.tensor(OP_B, dtype=torch.float32, device=device),
         s_tensor=torch.tensor(OP_S, dtype=torch.float32, device=device),
     )
+
+
+def default_backend(inputs: CaseInputs) -> Optional[str]:
+    """The backend ``fused_concat`` runs for this case when the caller names none: the automatic choice
+    (or $FREEU_KERNELS_BACKEND), as ``freeu_kernels.resolve_backend`` decides it for the case's spec and
+    layout on this machine. None when the op would reject the case."""
+    case, x = inputs.case, inputs.x
+    try:
+        spec = make_spec(x, inputs.h, threshold=case.threshold, mask=case.mask)
+        chosen = freeu_kernels.resolve_backend(None, x.device, spec,
+                                               channels_last=output_memory_format(x) != torch.contiguous_format)
+    except (TypeError, ValueError):
+        return None
+    return chosen.value
 
 
 @dataclass
@@ -203,16 +216,6 @@ def _prepare_fused(backend: str) -> Callable[[CaseInputs], Prepared]:
             x, h, b, s, threshold=case.threshold, mask=case.mask, backend=backend))
 
     return prepare
-
-
-def fused_provider_name(backend: str) -> str:
-    """'freeu_kernels[triton]' for backend 'triton'."""
-    return f"{FUSED_PREFIX}[{backend}]"
-
-
-def is_fused(name: str) -> bool:
-    """Whether a provider name is one of the freeu_kernels backends."""
-    return name.startswith(FUSED_PREFIX + "[")
 
 
 def _fused_unavailable(backend: str) -> Callable[[Optional[Case], torch.device], Optional[str]]:

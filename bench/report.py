@@ -6,13 +6,14 @@ Every number printed here comes from a row measured in this run; a target whose 
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .crossover import crossover_verdict, summarize_crossover
-from .providers import COPY, DIFFUSERS, REFERENCE, TORCH_CAT, is_fused
+from .memory import METHODS as MEMORY_METHODS
+from .names import (BASELINES, COPY, DIFFUSERS, FUSED_FREEU, NO_FREEU, NOT_SUPPORTED, REFERENCE, TORCH_CAT,
+                    fused_provider_name, is_fused)
 from .results import find_rows
 from .timing import format_seconds
-from .unet_bench import FUSED_FREEU, NO_FREEU
 
 __all__ = ["build_summary", "render_markdown", "render_summary_text", "evaluate_targets"]
 
@@ -148,45 +149,135 @@ def evaluate_targets(rows: List[Dict], device_type: str) -> List[Dict]:
     return _cpu_targets(rows) if device_type == "cpu" else _gpu_targets(rows)
 
 
+def _case_key(row: Dict):
+    return row["case"], row["x_shape"], row["h_shape"], row["dtype"]
+
+
+def _case_groups(rows: Iterable[Dict]) -> List[Dict[str, Dict]]:
+    """Rows grouped by case (in first-seen order), each group keyed by provider."""
+    groups: Dict[tuple, Dict[str, Dict]] = {}
+    for row in rows:
+        groups.setdefault(_case_key(row), {})[row["provider"]] = row
+    return list(groups.values())
+
+
+def _default_name(group: Dict[str, Dict]) -> Optional[str]:
+    """The provider name of the backend the automatic choice picks for this case (None if unknown)."""
+    backend = next(iter(group.values())).get("default_backend")
+    return None if backend is None else fused_provider_name(backend)
+
+
+def _batch(row: Dict) -> str:
+    return f"b{row['x_shape'].strip('()').split(',')[0]}"
+
+
 def _op_summary_rows(rows: List[Dict], mode: str) -> List[List[str]]:
-    """One line per op case: the baselines, the best freeu_kernels backend and its ratios."""
-    timed = _timed(find_rows(rows, section="op", mode=mode))
-    keys = []
-    for row in timed:
-        key = (row["case"], row["x_shape"], row["h_shape"], row["dtype"])
-        if key not in keys:
-            keys.append(key)
+    """One line per op case: the baselines, the default backend (what a user gets) with its ratios, and the
+    fastest backend measured."""
     table = []
-    for case, x_shape, h_shape, dtype in keys:
-        group = {r["provider"]: r for r in timed if (r["case"], r["x_shape"], r["h_shape"], r["dtype"]) ==
-                 (case, x_shape, h_shape, dtype)}
+    for group in _case_groups(_timed(find_rows(rows, section="op", mode=mode))):
         fused = [r for name, r in group.items() if is_fused(name)]
         best = min(fused, key=lambda r: r["median_us"]) if fused else None
+        default_name = _default_name(group)
+        default = group.get(default_name)
 
         def median(name):
             return _time(group[name]["median_us"]) if name in group else "-"
 
         any_row = next(iter(group.values()))
+        if default is not None:
+            default_cells = [f"{default_name} {_time(default['median_us'])}", _ratio(default["speedup_vs_diffusers"]),
+                             _ratio(default["vs_torch_cat"]), _pct(default["pct_of_copy"])]
+        else:
+            default_cells = [f"{default_name or 'unknown'}: not measured", "-", "-", "-"]
         table.append([
-            case, f"b{any_row['x_shape'].strip('()').split(',')[0]}", dtype, f"{any_row['bytes'] / 1e6:.1f}",
-            median(DIFFUSERS), median(REFERENCE), median(TORCH_CAT), median(COPY),
+            any_row["case"], _batch(any_row), any_row["dtype"], f"{any_row['bytes'] / 1e6:.1f}",
+            median(DIFFUSERS), median(REFERENCE), median(TORCH_CAT), median(COPY), *default_cells,
             "-" if best is None else f"{best['provider']} {_time(best['median_us'])}",
-            "-" if best is None else _ratio(best["speedup_vs_diffusers"]),
-            "-" if best is None else _ratio(best["vs_torch_cat"]),
-            "-" if best is None else _pct(best["pct_of_copy"]),
         ])
     return table
 
 
 _SUMMARY_HEADERS = ("case", "batch", "dtype", "MB moved", "diffusers", "reference", "torch.cat", "copy",
-                    "best freeu_kernels", "vs diffusers", "vs torch.cat", "% of copy")
+                    "default backend (automatic choice)", "vs diffusers", "vs torch.cat", "% of copy",
+                    "fastest backend measured")
+
+
+def _size(count: Optional[float]) -> str:
+    """Bytes with a binary unit and 3 significant digits: 512 B, 4.00 KiB, 160 MiB, 1.60 GiB."""
+    if count is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(count) >= scale:
+            return f"{_significant(count / scale)} {unit}"
+    return f"{int(count)} B"
+
+
+def _ordered_providers(groups: Sequence[Dict[str, Dict]], column: str) -> List[str]:
+    """Providers with a value in ``column``: the baselines first (in BASELINES order), then the backends."""
+    present = {name for group in groups for name, row in group.items() if row.get(column) is not None}
+    return [name for name in BASELINES if name in present] + sorted(name for name in present if is_fused(name))
+
+
+def _memory_rows(rows: List[Dict]) -> Tuple[List[str], List[List[str]]]:
+    """Per op case: the output's size and each provider's peak extra memory (x the output)."""
+    groups = _case_groups(find_rows(rows, section="op", mode="eager"))
+    providers = [name for name in _ordered_providers(groups, "peak_extra_bytes") if name != COPY]
+    headers = ["case", "batch", "dtype", "output"] + providers + ["default backend"]
+    table = []
+    for group in groups:
+        any_row = next(iter(group.values()))
+        output = any_row["bytes"] / 2  # bytes moved = 2 (|x| + |h|) = 2 |output|
+
+        def cell(name):
+            value = group.get(name, {}).get("peak_extra_bytes")
+            return "-" if value is None else f"{_size(value)} ({_ratio(value / output)})"
+
+        default_name = _default_name(group)
+        table.append([any_row["case"], _batch(any_row), any_row["dtype"], _size(output)]
+                     + [cell(name) for name in providers]
+                     + [f"{default_name}: {cell(default_name)}" if default_name in group else "-"])
+    return headers, table
+
+
+def _ops_rows(rows: List[Dict]) -> Tuple[List[str], List[List[str]]]:
+    """Per op case: the aten operators one call of each provider issues."""
+    groups = _case_groups(find_rows(rows, section="op", mode="eager"))
+    providers = [name for name in _ordered_providers(groups, "aten_ops") if name != COPY]
+    table = []
+    for group in groups:
+        any_row = next(iter(group.values()))
+        default_name = _default_name(group)
+        table.append([any_row["case"], _batch(any_row), any_row["dtype"]] + [
+            "-" if group.get(name, {}).get("aten_ops") is None
+            else str(group[name]["aten_ops"]) + (" (default)" if name == default_name else "")
+            for name in providers])
+    return ["case", "batch", "dtype"] + providers, table
+
+
+def _overhead_rows(rows: List[Dict]) -> List[List[str]]:
+    table = []
+    for row in find_rows(rows, section="overhead"):
+        name = row["provider"]
+        is_default = row.get("default_backend") and name == fused_provider_name(row["default_backend"])
+        label = name + (" (default)" if is_default else "")
+        if row["median_us"] is None:
+            table.append([label, "-", "-", "-", "-", "-", row["note"] or ""])
+            continue
+        table.append([label, _time(row["median_us"]), _time(row["host_us"]), _ratio(row["vs_torch_cat"]),
+                      _ratio(row["vs_trivial_op"]), "-" if row["aten_ops"] is None else str(row["aten_ops"]), ""])
+    return table
+
+
+_OVERHEAD_HEADERS = ("provider", "median per call", "host", "vs torch.cat", "vs trivial custom_op",
+                     "aten ops per call", "note")
 
 
 def _unet_rows(rows: List[Dict]) -> List[List[str]]:
     table = []
     for row in find_rows(rows, section="unet"):
         if row["median_us"] is None:
-            table.append([row["case"], row["mode"], row["provider"], "-", "-", "-", "-", row["note"]])
+            table.append([row["case"], row["mode"], row["provider"], "-", "-", "-", "-", "-", row["note"]])
             continue
         overhead = noise = "-"
         if row["overhead_pct"] is not None and row["provider"] != NO_FREEU:
@@ -194,12 +285,13 @@ def _unet_rows(rows: List[Dict]) -> List[List[str]]:
             if row["overhead_p20_pct"] is not None:
                 noise = f"{row['overhead_p20_pct']:+.2f}% .. {row['overhead_p80_pct']:+.2f}%"
         table.append([row["case"], row["mode"], row["provider"], _time(row["median_us"]),
-                      f"{_time(row['p20_us'])} - {_time(row['p80_us'])}", overhead, noise, row["check"] or ""])
+                      f"{_time(row['p20_us'])} - {_time(row['p80_us'])}", overhead, noise,
+                      _size(row.get("peak_extra_bytes")), row["check"] or ""])
     return table
 
 
 _UNET_HEADERS = ("model", "mode", "FreeU", "median step", "p20 - p80", "overhead", "overhead p20 .. p80",
-                 "output check")
+                 "peak memory of one step", "output check")
 
 
 def _unet_noise(rows: List[Dict]) -> List[str]:
@@ -243,6 +335,7 @@ def _environment_lines(environment: Dict, settings: Dict) -> List[str]:
         f"- date: {environment['date']}; commit: {environment['commit']}",
         f"- settings: {', '.join(f'{k}={v}' for k, v in settings.items())}",
     ]
+    lines.append(f"- instruction set: {environment.get('isa', 'not recorded')} (on every row, column 'isa')")
     if environment["device_type"] == "cpu":
         lines.append(f"- CPU kernel library (backend 'cpu'): {environment.get('cpu_kernel', 'not recorded')}")
         lines += [
@@ -273,7 +366,7 @@ def _per_case_lines(rows: List[Dict]) -> List[str]:
         if row["families"].split()[0] not in families:
             families.append(row["families"].split()[0])
     headers = ("provider", "mode", "median", "p20 - p80", "host", "GB/s", "% of copy", "vs torch.cat",
-               "vs diffusers", "check", "note")
+               "vs diffusers", "peak extra memory", "aten ops", "check", "note")
     for family in families:
         lines += ["", f"### {family}"]
         in_family = [r for r in op_rows if r["families"].split()[0] == family]
@@ -286,13 +379,28 @@ def _per_case_lines(rows: List[Dict]) -> List[str]:
             group = [r for r in in_family if (r["case"], r["x_shape"], r["h_shape"], r["dtype"]) == key]
             lines += ["", f"**{row['case']}** x {row['x_shape']} + h {row['h_shape']} {row['dtype']}, "
                           f"{row['bytes'] / 1e6:.1f} MB moved (also in: {row['families']})", ""]
+            default_name = _default_name({r["provider"]: r for r in group})
             lines += _table(headers, (
-                [r["provider"], r["mode"], _time(r["median_us"]),
+                [r["provider"] + (" (default)" if r["provider"] == default_name else ""), r["mode"],
+                 _time(r["median_us"]),
                  "-" if r["median_us"] is None else f"{_time(r['p20_us'])} - {_time(r['p80_us'])}",
                  _time(r["host_us"]), "-" if r["gbps"] is None else f"{r['gbps']:.1f}", _pct(r["pct_of_copy"]),
-                 _ratio(r["vs_torch_cat"]), _ratio(r["speedup_vs_diffusers"]), r["check"] or "", r["note"] or ""]
+                 _ratio(r["vs_torch_cat"]), _ratio(r["speedup_vs_diffusers"]), _size(r.get("peak_extra_bytes")),
+                 "-" if r.get("aten_ops") is None else str(r["aten_ops"]), r["check"] or "", r["note"] or ""]
                 for r in group))
     return lines
+
+
+def _not_supported_lines(rows: List[Dict]) -> List[str]:
+    """One line per crossover series whose backend cannot hold the larger masks (a limit, not a failure)."""
+    series: Dict[tuple, List[int]] = {}
+    for row in find_rows(rows, section="crossover"):
+        if (row["note"] or "").startswith(NOT_SUPPORTED):
+            series.setdefault((row["provider"], row["x_shape"], row["dtype"], row["mask"]), []).append(row["threshold"])
+    return [f"- {provider} {x_shape} {dtype} {mask} mask: threshold{'s' if len(thresholds) > 1 else ''} "
+            f"{', '.join(map(str, sorted(thresholds)))} "
+            f"{NOT_SUPPORTED} (more frequencies per axis than its kernel holds; the op runs such masks on the FFT path)"
+            for (provider, x_shape, dtype, mask), thresholds in series.items()]
 
 
 def _crossover_lines(summary: Dict) -> List[str]:
@@ -308,27 +416,70 @@ def _crossover_lines(summary: Dict) -> List[str]:
 
 
 def _problem_lines(rows: List[Dict]) -> List[str]:
-    problems = [r for r in rows if r["median_us"] is None or (r["check"] or "").startswith("MISMATCH")]
+    problems = [r for r in rows if (r["median_us"] is None and not (r["note"] or "").startswith(NOT_SUPPORTED))
+                or (r["check"] or "").startswith("MISMATCH")]
     return [f"- {r['section']} {r['case']} {r['x_shape'] or ''} {r['dtype'] or ''} {r['provider']} {r['mode']}: "
             f"{r['check'] if (r['check'] or '').startswith('MISMATCH') else r['note']}" for r in problems]
 
 
+def _memory_lines(rows: List[Dict], device_type: str) -> List[str]:
+    headers, table = _memory_rows(rows)
+    if not table:
+        return []
+    return ["", "## Peak memory per call", "",
+            "Peak extra memory of one call: the most it held at once above what was allocated before it (its "
+            "output included, its inputs not); in parentheses, x the output's size. torch.cat's value is its "
+            f"output. Method: {MEMORY_METHODS.get(device_type, 'bench/memory.py')}.", ""] + _table(headers, table)
+
+
+def _ops_lines(rows: List[Dict]) -> List[str]:
+    headers, table = _ops_rows(rows)
+    if not table:
+        return []
+    return ["", "## Operators per call", "",
+            "aten operators one call issues (torch.profiler, ops not nested in another aten op): on an accelerator "
+            "each is at least one kernel launch, on a CPU each compute op is a parallel region.", ""
+            ] + _table(headers, table)
+
+
+def _overhead_lines(rows: List[Dict]) -> List[str]:
+    table = _overhead_rows(rows)
+    if not table:
+        return []
+    return ["", "## Per-call overhead", "",
+            "A (1,4,8,8) + (1,4,8,8) float32 input, where a call's time is its fixed cost; timed interleaved in this "
+            "run. 'trivial custom_op' is a torch.library.custom_op (with a fake and an autograd formula) whose body "
+            "is torch.cat: the cost of the custom-op machinery alone. Ratios use the host time on CUDA.", ""
+            ] + _table(_OVERHEAD_HEADERS, table)
+
+
 def render_markdown(environment: Dict, settings: Dict, rows: List[Dict], summary: Dict,
-                    plots: Sequence[str] = ()) -> str:
-    """The whole report.md."""
+                    plots: Sequence[str] = (), plot_note: Optional[str] = None) -> str:
+    """The whole report.md (``plot_note``: why plots are absent, when they are)."""
     device_type = environment["device_type"]
-    lines = ["# freeu_kernels benchmark report", ""] + _environment_lines(environment, settings)
+    lines = ["# freeu_kernels benchmark report", ""]
+    if settings.get("partial"):
+        lines += [f"**partial: {settings['partial']}.** Everything below comes from the cases that finished; "
+                  "targets and summaries whose cases did not run say \"not measured\".", ""]
+    lines += _environment_lines(environment, settings)
     lines += ["", "Bytes moved per case = 2 (|x| + |h|) (inputs read once, output written once); GB/s = bytes / "
                   "median time; '% of copy' = copy-ceiling time / this time, same case and mode; 'vs torch.cat' = "
-                  "this time / torch.cat time (1.00x = FreeU for free); 'vs diffusers' = diffusers time / this time."]
+                  "this time / torch.cat time (1.00x = FreeU for free); 'vs diffusers' = diffusers time / this time. "
+                  "'default' = the backend fused_concat runs when none is named (freeu_kernels.resolve_backend for "
+                  "the case on this machine): what a user gets."]
     lines += ["", "## Targets", ""] + _targets_lines(summary, device_type)
     for mode, table in summary["op_summary"].items():
         lines += ["", f"## Op summary ({mode})", ""] + _table(_SUMMARY_HEADERS, table)
+    lines += _memory_lines(rows, device_type)
+    lines += _overhead_lines(rows)
+    lines += _ops_lines(rows)
     unet_table = _unet_rows(rows)
     if unet_table:
         lines += ["", "## U-Net step", ""]
         lines += _table(_UNET_HEADERS, unet_table)
         lines += [""] + _unet_noise(rows)
+        lines += ["- peak memory of one step: above the weights and inputs (its activations included), method as "
+                  "in 'Peak memory per call'."]
         notes = sorted({r["note"] for r in find_rows(rows, section="unet") if r["note"]})
         lines += [f"- {note}" for note in notes]
     if summary["crossover"]:
@@ -336,8 +487,13 @@ def render_markdown(environment: Dict, settings: Dict, rows: List[Dict], summary
         lines += ["Low-rank = the backend forced onto its low-rank filter at every threshold; fft = the torch "
                   "backend forced onto its FFT path. Same inputs, interleaved repetitions (bench/README.md)."]
         lines += _crossover_lines(summary)
+        unsupported = _not_supported_lines(rows)
+        if unsupported:
+            lines += [""] + unsupported
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
+    elif plot_note:
+        lines += ["", "## Plots", "", plot_note]
     lines += ["", "## Per-case results"] + _per_case_lines(rows)
     problems = _problem_lines(rows)
     if problems:
@@ -346,10 +502,14 @@ def render_markdown(environment: Dict, settings: Dict, rows: List[Dict], summary
 
 
 def render_summary_text(environment: Dict, summary: Dict, rows: List[Dict]) -> str:
-    """What ``python -m bench`` prints at the end: the op summary, the U-Net overheads, targets, crossover."""
-    lines = [f"device: {environment['device']} | torch {environment['torch']} | commit {environment['commit']}"]
+    """What ``python -m bench`` prints at the end: the op summary, overhead, U-Net overheads, targets, crossover."""
+    lines = [f"device: {environment['device']} | {environment.get('isa')} | torch {environment['torch']} | "
+             f"commit {environment['commit']}"]
     for mode, table in summary["op_summary"].items():
         lines += ["", f"Op summary ({mode}):"] + _table(_SUMMARY_HEADERS, table)
+    overhead = _overhead_rows(rows)
+    if overhead:
+        lines += ["", "Per-call overhead, (1,4,8,8)x2 fp32:"] + _table(_OVERHEAD_HEADERS, overhead)
     unet_table = _unet_rows(rows)
     if unet_table:
         lines += ["", "U-Net step:"] + _table(_UNET_HEADERS, unet_table)

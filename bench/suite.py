@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 
 from .cases import Case, CrossoverCase, SHORT_DTYPE, crossover_cases, op_cases, quick_op_cases, select_cases
-from .crossover import run_crossover
+from .crossover import iter_crossover
 from .environment import collect_environment, load_average, pick_device
-from .op_bench import run_op_cases
+from .op_bench import iter_op_cases
+from .overhead import run_overhead
 from .plots import write_plots
 from .providers import select_providers
 from .report import build_summary, render_markdown, render_summary_text
-from .results import add_derived_metrics, write_csv, write_json
+from .results import ROWS_LOG, RowLog, add_derived_metrics, write_csv, write_json
 from .timing import TimingBudget
-from .unet_bench import UNET_SIZES, run_unet_level
+from .unet_bench import UNET_SIZES, iter_unet_level
+from .unet_configs import MODELS
 
-__all__ = ["SuiteConfig", "SuiteResult", "run_suite", "write_outputs", "OUTPUT_FILES"]
+__all__ = ["SuiteConfig", "SuiteResult", "SuiteInterrupted", "run_suite", "write_outputs", "missing_plot_dependency",
+           "OUTPUT_FILES", "ROWS_LOG"]
 
 OUTPUT_FILES = ("report.md", "results.json", "results.csv")
 
@@ -31,7 +35,9 @@ class SuiteConfig:
     """What to run. ``None`` fields take the defaults of the device and of ``quick``.
 
     ``cases`` / ``crossover`` replace the derived case lists (tests use tiny ones); ``case_patterns``
-    filters whichever list is used (substrings or globs, see cases.select_cases).
+    filters whichever list is used (substrings or globs, see cases.select_cases). ``out``: a folder that
+    receives ROWS_LOG (results.jsonl) while the run goes, every row flushed as its case finishes
+    (write_outputs adds the other files afterwards, usually into the same folder).
     """
 
     device: Optional[str] = None
@@ -41,6 +47,7 @@ class SuiteConfig:
     providers: Optional[Sequence[str]] = None
     quick: bool = False
     unet: bool = True
+    overhead: bool = True
     unet_models: Sequence[str] = ("sd15", "sdxl")
     unet_size: str = "auto"
     reduced_latent_size: int = 32
@@ -54,10 +61,14 @@ class SuiteConfig:
     op_budget: Optional[TimingBudget] = None
     unet_budget: Optional[TimingBudget] = None
     progress: Optional[TextIO] = field(default=sys.stderr, repr=False)
+    out: Optional[Path] = None
 
     def __post_init__(self):
         if self.unet_size not in UNET_SIZES:
             raise ValueError(f"unet_size must be one of {UNET_SIZES}, got {self.unet_size!r}")
+        unknown = [key for key in self.unet_models if key not in MODELS]
+        if unknown:  # here, not after the op cases have been measured
+            raise ValueError(f"unet_models must be among {list(MODELS)}, got {unknown}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
@@ -71,6 +82,20 @@ class SuiteResult:
     rows: List[Dict]
     summary: Dict
     seconds: float
+
+
+class SuiteInterrupted(KeyboardInterrupt):
+    """A run cut off by KeyboardInterrupt (Ctrl-C; SIGTERM under ``python -m bench``) after its setup.
+
+    ``result`` holds every case that finished, its settings marked ``partial`` ("interrupted after N
+    cases ..."): pass it to write_outputs. A KeyboardInterrupt, so code that catches Exception still
+    lets it through.
+    """
+
+    def __init__(self, result: SuiteResult, reason: str):
+        super().__init__(reason)
+        self.result = result
+        self.reason = reason
 
 
 def _default_dtypes(device: torch.device) -> List[torch.dtype]:
@@ -134,37 +159,110 @@ def _run(config: SuiteConfig, device: torch.device) -> SuiteResult:
     settings = {
         "quick": config.quick, "dtypes": ",".join(SHORT_DTYPE[d] for d in dtypes), "cases": len(cases),
         "providers": ",".join(p.name for p in providers), "graphs": config.graphs and device.type == "cuda",
-        "compile": compile_modes, "unet": config.unet, "unet_size": config.unet_size,
+        "compile": compile_modes, "unet": config.unet, "unet_size": config.unet_size, "overhead": config.overhead,
         "crossover": config.crossover, "op_budget_s": op_budget.seconds, "unet_budget_s": unet_budget.seconds,
     }
     progress = config.progress
+    # Optional dependencies are checked before the first measurement, never after minutes of it.
+    run_unet = config.unet
+    if run_unet and importlib.util.find_spec("diffusers") is None:
+        run_unet = False
+        settings["unet"] = "skipped: diffusers is not installed (pip install diffusers)"
+        if progress is not None:
+            print("bench: diffusers is not installed: the U-Net level and the diffusers provider are skipped",
+                  file=progress, flush=True)
     if progress is not None:
-        print(f"bench: {environment['device']}, {len(cases)} op cases, providers {settings['providers']}",
-              file=progress, flush=True)
-    rows = run_op_cases(cases, providers, device, op_budget, environment, graphs=config.graphs, progress=progress)
+        print(f"bench: {environment['device']}, {environment['isa']}, {len(cases)} op cases, providers "
+              f"{settings['providers']}", file=progress, flush=True)
+    chosen_crossover = []
     if config.crossover:
-        chosen = config.crossover_cases if config.crossover_cases is not None else crossover_cases(dtypes, config.quick)
-        rows += run_crossover(chosen, device, op_budget, environment, progress=progress)
-    if config.unet:
-        rows += run_unet_level(config.unet_models, device, size=config.unet_size,
-                               reduced_latent_size=config.reduced_latent_size, compile_modes=compile_modes,
-                               budget=unet_budget, environment=environment, progress=progress)
+        chosen_crossover = (config.crossover_cases if config.crossover_cases is not None
+                            else crossover_cases(dtypes, config.quick))
+    # (section, how many cases it has, its cases' rows as each finishes); generators: nothing runs yet.
+    sections = [
+        ("overhead", int(config.overhead),
+         _overhead_section(providers, device, environment, progress, config.overhead)),
+        ("op", len(cases), iter_op_cases(cases, providers, device, op_budget, environment, graphs=config.graphs,
+                                         progress=progress)),
+        ("crossover", sum(len(c.thresholds) * len(c.masks) for c in chosen_crossover),
+         iter_crossover(chosen_crossover, device, op_budget, environment, progress=progress)),
+        ("unet", len(config.unet_models) if run_unet else 0,
+         iter_unet_level(config.unet_models if run_unet else (), device, size=config.unet_size,
+                         reduced_latent_size=config.reduced_latent_size, compile_modes=compile_modes,
+                         budget=unet_budget, environment=environment, progress=progress)),
+    ]
+    log = RowLog(None if config.out is None else Path(config.out) / ROWS_LOG)
+    try:
+        for section, _, case_rows in sections:
+            for rows in case_rows:
+                log.add(section, rows)
+    except KeyboardInterrupt as interruption:
+        settings["partial"] = _interrupted_note(log.cases, {name: total for name, total, _ in sections},
+                                                interruption)
+        raise SuiteInterrupted(_finish(environment, settings, log.rows, started), settings["partial"]) from interruption
+    finally:
+        log.close()
+    return _finish(environment, settings, log.rows, started)
+
+
+def _overhead_section(providers, device: torch.device, environment: Dict, progress: Optional[TextIO],
+                      enabled: bool) -> Iterator[List[Dict]]:
+    """The per-call overhead probe as a section of one case (nothing runs until the suite asks for it)."""
+    if enabled:
+        yield run_overhead(providers, device, environment, progress=progress)
+
+
+def _interrupted_note(done: Dict[str, int], planned: Dict[str, int], interruption: KeyboardInterrupt) -> str:
+    """'interrupted after N cases (SIGTERM): overhead 1 of 1, op 3 of 8, crossover 0 of 16'."""
+    count = sum(done.values())
+    signal_name = str(interruption) or "KeyboardInterrupt"
+    parts = [f"{name} {done.get(name, 0)} of {total}" for name, total in planned.items() if total]
+    return (f"interrupted after {count} case{'' if count == 1 else 's'} ({signal_name}): " + ", ".join(parts))
+
+
+def _finish(environment: Dict, settings: Dict, rows: List[Dict], started: float) -> SuiteResult:
+    """The SuiteResult of the rows measured so far (all of them, or those before an interruption)."""
     environment["load_average_end"] = load_average()
     add_derived_metrics(rows)
     summary = build_summary(rows, environment)
     return SuiteResult(environment, settings, rows, summary, time.perf_counter() - started)
 
 
+def missing_plot_dependency() -> Optional[str]:
+    """None when the plots can be drawn, else the line saying why they are skipped."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "plots skipped: matplotlib is not installed (pip install matplotlib, or pass --no-plots)"
+    return None
+
+
 def write_outputs(result: SuiteResult, out_dir, plots: bool = True) -> List[Path]:
-    """Write report.md, results.json, results.csv and (``plots``) the PNGs into ``out_dir``; return the paths."""
+    """Write report.md, results.json, results.csv and (``plots``) the PNGs into ``out_dir``; return the paths.
+
+    The measurements are written first; the plots come last, so a plotting problem (matplotlib missing
+    or failing) costs the plots only, and report.md says why they are absent. A partial result (from
+    SuiteInterrupted) gets no plots: its files are written in the seconds a killed process has left.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = write_plots(out_dir, result.rows, result.summary) if plots else []
     settings = dict(result.settings, run_seconds=round(result.seconds, 1))
-    (out_dir / "report.md").write_text(render_markdown(result.environment, settings, result.rows, result.summary,
-                                                       images))
+    if "partial" in settings and plots:
+        # After a SIGTERM the process has seconds (tools/gpu_verify.sh: 5) before SIGKILL: numbers first.
+        plots, plot_note = False, "plots skipped: the run was interrupted"
+    else:
+        plot_note = missing_plot_dependency() if plots else None
     write_json(out_dir / "results.json", result.environment, settings, result.rows, result.summary)
     write_csv(out_dir / "results.csv", result.rows)
+    report = out_dir / "report.md"
+    report.write_text(render_markdown(result.environment, settings, result.rows, result.summary,
+                                      plot_note=plot_note))
+    images: List[str] = []
+    if plots and plot_note is None:
+        try:
+            images = write_plots(out_dir, result.rows, result.summary)
+        except Exception as error:  # noqa: BLE001 - the measurements are already on disk
+            plot_note = f"plots failed: {type(error).__name__}: {error}"
+        report.write_text(render_markdown(result.environment, settings, result.rows, result.summary, images,
+                                          plot_note=plot_note))
     return [out_dir / name for name in OUTPUT_FILES] + [out_dir / name for name in images]
 
 

@@ -9,7 +9,9 @@ batch 2 (classifier-free guidance):
   same concats fused (skipped, with a note, when the integration cannot be imported).
 
 FreeU overhead = (step with FreeU - step without) / step without, per mode (eager, and compiled where
-torch.compile is enabled). On GPU the published configs run in float16; on CPU a reduced config
+torch.compile is enabled). Peak memory of one eager step per variant (``peak_extra_bytes``,
+bench/memory.py: above the weights and inputs, so the step's activations count): what FreeU's
+temporaries add to a step's peak. On GPU the published configs run in float16; on CPU a reduced config
 (bench/unet_configs.py: REDUCTION_NOTE) runs in float32 and every row says "reduced".
 """
 
@@ -18,21 +20,19 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 import torch
 
 from .cases import SHORT_DTYPE
-from .op_bench import measure_each
+from .names import DIFFUSERS_FREEU, FUSED_FREEU, NO_FREEU
+from .op_bench import measure_each, profile_columns
 from .results import result_row
 from .timing import TimingBudget, format_seconds
 from .unet_configs import MODELS, REDUCTION_NOTE, UNetModel, reduced_config, unet_inputs
 
-__all__ = ["run_unet_level", "NO_FREEU", "DIFFUSERS_FREEU", "FUSED_FREEU", "UNET_SIZES", "unet_case_name"]
+__all__ = ["iter_unet_level", "NO_FREEU", "DIFFUSERS_FREEU", "FUSED_FREEU", "UNET_SIZES", "unet_case_name"]
 
-NO_FREEU = "none"
-DIFFUSERS_FREEU = "diffusers"
-FUSED_FREEU = "freeu_kernels"
 UNET_SIZES = ("auto", "real", "reduced")
 
 
@@ -103,19 +103,20 @@ def _output_checks(outputs: Dict[str, torch.Tensor]) -> Dict[str, str]:
     return checks
 
 
-def run_unet_level(model_keys: Sequence[str], device: torch.device, *, size: str = "auto", batch: int = 2,
-                   reduced_latent_size: int = 32, compile_modes: bool = False, budget: TimingBudget = TimingBudget(seconds=3.0, min_reps=5),
-                   environment: Dict, progress: Optional[TextIO] = sys.stderr) -> List[Dict]:
-    """Rows of section "unet": each model, each FreeU variant, eager (and compiled when asked)."""
+def iter_unet_level(model_keys: Sequence[str], device: torch.device, *, size: str = "auto", batch: int = 2,
+                    reduced_latent_size: int = 32, compile_modes: bool = False, budget: TimingBudget = TimingBudget(seconds=3.0, min_reps=5),
+                    environment: Dict, progress: Optional[TextIO] = sys.stderr) -> Iterator[List[Dict]]:
+    """Rows of section "unet": each FreeU variant, eager (and compiled when asked), yielded per model as it
+    finishes."""
     if size not in UNET_SIZES:
         raise ValueError(f"size must be one of {UNET_SIZES}, got {size!r}")
     reduced = size == "reduced" or (size == "auto" and device.type != "cuda")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    rows: List[Dict] = []
     for key in model_keys:
         if key not in MODELS:
             raise ValueError(f"model_keys must be among {list(MODELS)}, got {key!r}")
         started = time.perf_counter()
+        rows: List[Dict] = []
         model = MODELS[key]
         config = reduced_config(model.config, latent_size=reduced_latent_size) if reduced else model.config
         inputs = unet_inputs(config, batch, device, dtype, model.text_length)
@@ -131,6 +132,7 @@ def run_unet_level(model_keys: Sequence[str], device: torch.device, *, size: str
                 notes[variant] = f"failed: {type(error).__name__}: {error}"[:240]
                 continue
             calls[variant] = _step(unet, inputs)
+        profiles = {variant: profile_columns(call, device) for variant, call in calls.items()}
         checks = _output_checks(outputs)
         del outputs
         modes = [("eager", calls)]
@@ -140,7 +142,8 @@ def run_unet_level(model_keys: Sequence[str], device: torch.device, *, size: str
         for mode, mode_calls in modes:
             timings, errors = measure_each(mode_calls, device, budget, flush_l2=False)
             rows += [result_row("unet", None, variant, mode, timing, environment, check=checks.get(variant, ""),
-                                note=reduction, **common) for variant, timing in timings.items()]
+                                note=reduction, **common, **(profiles.get(variant, {}) if mode == "eager" else {}))
+                     for variant, timing in timings.items()]
             rows += [result_row("unet", None, variant, mode, None, environment, note=error, **common)
                      for variant, error in errors.items()]
             summary += [f"{mode} {variant} {format_seconds(t.median_s)}" for variant, t in timings.items()]
@@ -152,4 +155,4 @@ def run_unet_level(model_keys: Sequence[str], device: torch.device, *, size: str
         del variants, calls, modes
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+        yield rows

@@ -2,7 +2,8 @@
 //
 // The same C ABI as the CUDA kernel (freeu_fused_concat.h), so freeu_kernels/backends/c_abi.py drives
 // both; here every pointer is a host pointer, `stream` is ignored and `num_sms` is the number of host
-// threads (<= 0: std::thread::hardware_concurrency()).
+// threads (<= 0: std::thread::hardware_concurrency()), taken from torch's OpenMP team when the process
+// has one (host_openmp), else started per call.
 //
 // Work items are (n, c, f) planes of the output, handed to the threads through an atomic counter:
 //   backbone plane:  out = x * scale, scale = b in the window (v1), the float32 map (v2), else a copy;
@@ -10,9 +11,12 @@
 //                    plane, the second from cache (freeu_cpu_kernels.h has the math, DESIGN.md section 2).
 // Each input element is read once and each output element written once; the arithmetic is 4 ny
 // multiply-adds per element in float32, in loops the compiler vectorises (-fopenmp-simd: no OpenMP
-// runtime is linked, so nothing clashes with torch's). The kernels are compiled for x86-64-v4 (AVX-512),
-// x86-64-v3 (AVX2) and the baseline, and picked at run time. Low-precision stores round to nearest even.
+// runtime is linked, so nothing clashes with torch's). The kernels are compiled for x86-64-v4 (AVX-512,
+// 16-lane vectors), x86-64-v3 (AVX2, 8 lanes) and the baseline (SSE2 on x86-64, the only copy on other
+// processors; 4 lanes), and picked at run time. Low-precision stores round to nearest even.
 #include "freeu_fused_concat.h"
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <atomic>
@@ -61,8 +65,9 @@ struct Plan {
     float b, s_gain, high_gain;  // s_gain = (s - g_hi) / (H W)
     int ny, nx;
     std::vector<float> cos_x, sin_x;  // [nx][W rounded up to 16, zero-padded]
-    // The same rows with each whole block of 32 columns stored as its 16 even columns, then its 16 odd
-    // ones: the lane order of bfloat16 data read as 32-bit words (freeu_cpu_kernels.h, load_pair).
+    // The same rows with each whole block of 2 L columns stored as its L even columns, then its L odd
+    // ones (L = the copy's lanes per vector): the lane order of bfloat16 data read as 32-bit words
+    // (freeu_cpu_kernels.h, load_pair).
     std::vector<float> cos_x_pairs, sin_x_pairs;
     std::vector<float> cos_y, sin_y;  // [ny][H]
     std::vector<float> weight;        // [ny][nx]: 1 where the grid point is masked
@@ -104,18 +109,24 @@ void twiddles(int64_t size, int64_t pitch, int64_t k0, int count, std::vector<fl
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 #define FREEU_CPU_NS isa_x86_64_v4
+#define FREEU_CPU_LANES 16
 #include "freeu_cpu_kernels.h"
+#undef FREEU_CPU_LANES
 #undef FREEU_CPU_NS
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 #define FREEU_CPU_NS isa_x86_64_v3
+#define FREEU_CPU_LANES 8
 #include "freeu_cpu_kernels.h"
+#undef FREEU_CPU_LANES
 #undef FREEU_CPU_NS
 #pragma GCC pop_options
 #endif
 #define FREEU_CPU_NS isa_baseline
+#define FREEU_CPU_LANES 4
 #include "freeu_cpu_kernels.h"
+#undef FREEU_CPU_LANES
 #undef FREEU_CPU_NS
 
 namespace {
@@ -130,6 +141,7 @@ using RunItems = void (*)(const Plan&, std::atomic<int64_t>&, int64_t);
 struct KernelCopy {
     const char* name;
     RunItems run_items;
+    int lanes;  // float lanes per vector of the copy (its kLanes): the bfloat16 column tables and channel blocks follow it
     bool supported;
 };
 
@@ -139,30 +151,68 @@ const std::vector<KernelCopy>& kernel_copies() {
         std::vector<KernelCopy> list;
 #if FREEU_CPU_MULTI_ISA
         __builtin_cpu_init();
-        list.push_back({"x86-64-v4", &isa_x86_64_v4::run_items, bool(__builtin_cpu_supports("x86-64-v4"))});
-        list.push_back({"x86-64-v3", &isa_x86_64_v3::run_items, bool(__builtin_cpu_supports("x86-64-v3"))});
+        list.push_back({"x86-64-v4", &isa_x86_64_v4::run_items, isa_x86_64_v4::kLanes, bool(__builtin_cpu_supports("x86-64-v4"))});
+        list.push_back({"x86-64-v3", &isa_x86_64_v3::run_items, isa_x86_64_v3::kLanes, bool(__builtin_cpu_supports("x86-64-v3"))});
 #endif
-        list.push_back({"baseline", &isa_baseline::run_items, true});
+        list.push_back({"baseline", &isa_baseline::run_items, isa_baseline::kLanes, true});
         return list;
     }();
     return copies;
 }
 
+// Rows narrower than this run the widest copy whose vector divides them (see chosen_copy).
+constexpr int64_t kNarrowRow = 16;
+
 // The copy a call runs: $FREEU_KERNELS_CPU_ISA when it names one this processor runs (tests use it to
-// cover every copy), else the widest this processor runs.
-const KernelCopy& chosen_copy() {
+// cover every copy), else the widest this processor runs; except for planar work on rows narrower than
+// kNarrowRow (`planar_row`, 0: none), which takes the widest copy whose vector divides the row, else the
+// baseline: a row of 8 on a 16-lane copy leaves half of every vector idle. Measured 2026-12-01 on a
+// Sapphire Rapids, time / the torch backend's, 1 thread: 8x8 planes v4 1.7-1.8, v3 0.6-0.8; 12x12 v4
+// 1.2-1.9, v3 1.0-1.1, baseline 0.5-0.7 (registry.py has the whole table).
+const KernelCopy& chosen_copy(int64_t planar_row = 0) {
     const auto& copies = kernel_copies();
     if (const char* forced = std::getenv("FREEU_KERNELS_CPU_ISA")) {
         for (const auto& copy : copies)
             if (copy.supported && std::strcmp(copy.name, forced) == 0) return copy;
     }
+    const bool narrow = planar_row > 0 && planar_row < kNarrowRow;
     for (const auto& copy : copies)
-        if (copy.supported) return copy;
+        if (copy.supported && (!narrow || planar_row % copy.lanes == 0)) return copy;
     return copies.back();
 }
 
+// channels_last (channels contiguous in all four views) with a band of 1 or 2 frequencies per axis: the
+// kernels run across channels, work items are pixel rows (backbone) and blocks of L channels (2 L for
+// bfloat16; skip), L the copy's lanes; else (n, c, f) planes.
+bool runs_across_channels(const FreeuFusedConcatArgs& a) {
+    auto channels_contiguous = [](const FreeuView& v, int64_t channels) { return channels <= 1 || v.stride[1] == 1; };
+    return a.channels_last && a.ny >= 1 && a.ny <= 2 && a.nx >= 1 && a.nx <= 2 &&
+           channels_contiguous(a.x, a.cx) && channels_contiguous(a.out_x, a.cx) &&
+           channels_contiguous(a.skip, a.ch) && channels_contiguous(a.out_skip, a.ch);
+}
+
+// The host's OpenMP runtime, when the process has one loaded with global symbols (PyTorch's libgomp:
+// GOMP_parallel(fn, data, threads, flags) runs fn on the caller and threads - 1 team threads and returns
+// when all are done). Running the work items in torch's own team matters on a busy or small machine:
+// after each torch op its OpenMP threads keep spinning for a while, and threads of our own then compete
+// with them for the cores (measured 2026-12-01, Sapphire Rapids, 2 vCPUs, 2 threads, bf16
+// (2,1280,32,32)x2 right after a torch.cat: 1.74 ms with std::thread workers, 0.88 ms in torch's team, 0.89
+// ms with no torch op before it). Without one (no torch, or $FREEU_KERNELS_CPU_POOL=threads, which the
+// tests use to cover both), std::thread workers per call.
+using HostParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+HostParallel host_openmp() {
+    static const HostParallel found = reinterpret_cast<HostParallel>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
+    const char* pool = std::getenv("FREEU_KERNELS_CPU_POOL");
+    return pool != nullptr && std::strcmp(pool, "threads") == 0 ? nullptr : found;
+}
+
+template <class Closure> void call_closure(void* closure) { (*static_cast<Closure*>(closure))(); }
+
 int run(const FreeuFusedConcatArgs& a) {
-    const RunItems run_items = chosen_copy().run_items;
+    const bool channels_major = runs_across_channels(a);
+    const KernelCopy& copy = chosen_copy(channels_major ? 0 : a.w);
+    const RunItems run_items = copy.run_items;
+    const int64_t lanes = copy.lanes;
     Plan p;
     p.a = &a;
     p.b = float(read_factor(a.b_ptr, a.b_is_f64, a.b_value));
@@ -175,13 +225,13 @@ int run(const FreeuFusedConcatArgs& a) {
     twiddles(a.w, (a.w + 15) / 16 * 16, a.kx0, a.nx, p.cos_x, p.sin_x);
     twiddles(a.h, a.h, a.ky0, a.ny, p.cos_y, p.sin_y);
     auto deinterleave = [&](const std::vector<float>& table) {
-        const int64_t pitch = (a.w + 15) / 16 * 16, whole = a.w / 32 * 32;
+        const int64_t pitch = (a.w + 15) / 16 * 16, whole = a.w / (2 * lanes) * (2 * lanes);
         std::vector<float> out(table);
         for (int j = 0; j < a.nx; ++j)
-            for (int64_t x0 = 0; x0 < whole; x0 += 32)
-                for (int l = 0; l < 16; ++l) {
+            for (int64_t x0 = 0; x0 < whole; x0 += 2 * lanes)
+                for (int64_t l = 0; l < lanes; ++l) {
                     out[size_t(j * pitch + x0 + l)] = table[size_t(j * pitch + x0 + 2 * l)];
-                    out[size_t(j * pitch + x0 + 16 + l)] = table[size_t(j * pitch + x0 + 2 * l + 1)];
+                    out[size_t(j * pitch + x0 + lanes + l)] = table[size_t(j * pitch + x0 + 2 * l + 1)];
                 }
         return out;
     };
@@ -203,24 +253,18 @@ int run(const FreeuFusedConcatArgs& a) {
                 p.weight[size_t(i) * a.nx + j] = (ky * ky + kx * kx < a.radius_sq) ? 1.f : 0.f;
             }
     }
-    // channels_last (channels contiguous in all four views) with a band of 1 or 2 frequencies per axis:
-    // work items are pixel rows (backbone) and blocks of 16 channels (skip); else (n, c, f) planes.
-    auto channels_contiguous = [](const FreeuView& v, int64_t channels) { return channels <= 1 || v.stride[1] == 1; };
-    p.channels_major = a.channels_last && a.ny >= 1 && a.ny <= 2 && a.nx >= 1 && a.nx <= 2 &&
-                       channels_contiguous(a.x, a.cx) && channels_contiguous(a.out_x, a.cx) &&
-                       channels_contiguous(a.skip, a.ch) && channels_contiguous(a.out_skip, a.ch);
+    p.channels_major = channels_major;
     p.backbone_items = p.channels_major ? (a.cx > 0 ? a.n * a.f * a.h : 0) : a.n * a.cx * a.f;
-    const int64_t channel_block = a.dtype == FREEU_DTYPE_BFLOAT16 ? 32 : 16;  // freeu_cpu_kernels.h channel_block()
+    const int64_t channel_block = a.dtype == FREEU_DTYPE_BFLOAT16 ? 2 * lanes : lanes;  // freeu_cpu_kernels.h channel_block()
     p.skip_items = p.channels_major ? a.n * a.f * ((a.ch + channel_block - 1) / channel_block) : a.n * a.ch * a.f;
     const int64_t total = p.backbone_items + p.skip_items;
     if (total == 0 || a.h == 0 || a.w == 0) return 0;
     int64_t threads = a.num_sms > 0 ? a.num_sms : int64_t(std::thread::hardware_concurrency());
     threads = std::max<int64_t>(1, std::min<int64_t>({threads, int64_t(kMaxThreads), (total + 7) / 8}));
     std::atomic<int64_t> next{0};
-    std::vector<std::thread> pool;
     std::exception_ptr failure;
     std::atomic<bool> failed{false};
-    auto worker = [&]() {
+    auto worker = [&]() {  // never throws: GOMP_parallel must not see an exception
         try {
             run_items(p, next, total);
         } catch (...) {
@@ -228,13 +272,21 @@ int run(const FreeuFusedConcatArgs& a) {
             next.store(total);  // the others stop at their next item block
         }
     };
-    try {
-        for (int64_t t = 1; t < threads; ++t) pool.emplace_back(worker);
-    } catch (...) {
-        // Fewer threads than asked (the system refused one): the ones running and this one finish the work.
+    const HostParallel parallel = host_openmp();
+    if (threads == 1) {
+        worker();
+    } else if (parallel != nullptr) {
+        parallel(&call_closure<decltype(worker)>, &worker, unsigned(threads), 0);
+    } else {
+        std::vector<std::thread> pool;
+        try {
+            for (int64_t t = 1; t < threads; ++t) pool.emplace_back(worker);
+        } catch (...) {
+            // Fewer threads than asked (the system refused one): the ones running and this one finish the work.
+        }
+        worker();
+        for (auto& t : pool) t.join();
     }
-    worker();
-    for (auto& t : pool) t.join();
     if (failed.load()) {
         try {
             std::rethrow_exception(failure);
@@ -284,7 +336,8 @@ FREEU_API int freeu_fused_concat(const FreeuFusedConcatArgs* args, void* /*strea
 
 FREEU_API int freeu_prepare(void) { return 0; }
 
-// CPU library only: the name of the kernel copy calls run ("x86-64-v4", "x86-64-v3" or "baseline").
+// CPU library only: the name of the kernel copy calls run ("x86-64-v4", "x86-64-v3" or "baseline"); contiguous
+// planes narrower than 16 columns may run a narrower one (chosen_copy).
 FREEU_API const char* freeu_cpu_isa(void) { return chosen_copy().name; }
 
 FREEU_API int freeu_kernel_info(int32_t /*dtype*/, int32_t* num_regs, int32_t* local_bytes, int32_t* max_threads) {

@@ -85,13 +85,18 @@ struct Scratch {
     std::vector<float> row_buffer, plane_buffer, moment_buffer;
 };
 
-// Sixteen lanes as one GCC vector (an AVX-512 register, two AVX2 or four SSE registers): accumulators
-// declared as such stay in registers across a loop, which the compiler does not do for arrays.
-constexpr int kLanes = 16;
-typedef float Lanes __attribute__((vector_size(64)));
-typedef uint32_t LanesU32 __attribute__((vector_size(64)));
-typedef uint16_t LanesU16 __attribute__((vector_size(32)));
-typedef _Float16 LanesF16 __attribute__((vector_size(32)));
+// One register of float lanes as a GCC vector: 16 (AVX-512), 8 (AVX2) or 4 (SSE2, and the portable
+// copy: NEON and most other SIMD units are 128 bits wide), FREEU_CPU_LANES, set by freeu_cpu.cpp per copy.
+// Accumulators declared as such stay in registers across a loop, which the compiler does not do for
+// arrays. The vector must be exactly one register: GCC lowers a vector wider than the target's registers
+// through the stack (a 16-lane vector in the AVX2 copy stored every broadcast and partial sum to memory
+// and ran 3x to 11x slower than the AVX-512 copy, objdump of the hot loops).
+constexpr int kLanes = FREEU_CPU_LANES;
+static_assert(kLanes == 4 || kLanes == 8 || kLanes == 16, "FREEU_CPU_LANES: 4, 8 or 16");
+typedef float Lanes __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t LanesU32 __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t LanesU16 __attribute__((vector_size(2 * kLanes)));
+typedef _Float16 LanesF16 __attribute__((vector_size(2 * kLanes)));
 
 inline Lanes load_lanes(const float* p) {
     Lanes v;
@@ -128,10 +133,12 @@ inline void store_lanes(_Float16* p, Lanes v) {
 // The first `lanes` (< kLanes) elements, zeros after them; and the way back. Through a small buffer, so
 // nothing past the row is touched; the common widths are fixed-size copies the compiler inlines.
 template <class T> inline void copy_few(T* dst, const T* src, int count) {
-    switch (count) {
-        case 8: std::memcpy(dst, src, 8 * sizeof(T)); break;
-        case 4: std::memcpy(dst, src, 4 * sizeof(T)); break;
-        default: std::memcpy(dst, src, size_t(count) * sizeof(T)); break;
+    if (kLanes > 8 && count == 8) {
+        std::memcpy(dst, src, 8 * sizeof(T));
+    } else if (kLanes > 4 && count == 4) {
+        std::memcpy(dst, src, 4 * sizeof(T));
+    } else {
+        std::memcpy(dst, src, size_t(count) * sizeof(T));
     }
 }
 template <class T> inline Lanes load_partial(const T* p, int lanes) {
@@ -145,9 +152,9 @@ template <class T> inline void store_partial(T* p, Lanes v, int lanes) {
     copy_few(p, tmp, lanes);
 }
 
-// 32 bfloat16 values read as 16 32-bit words: the even elements are the words shifted up by 16 bits,
-// the odd ones the words with their low half cleared. No shuffle at all (converting 16 values to 16
-// lanes costs four), so bfloat16 loops go 32 columns at a time with lanes in (even, odd) order.
+// 2 kLanes bfloat16 values read as kLanes 32-bit words: the even elements are the words shifted up by 16 bits,
+// the odd ones the words with their low half cleared. No shuffle at all (converting kLanes values to kLanes
+// lanes costs several), so bfloat16 loops go 2 kLanes columns at a time with lanes in (even, odd) order.
 inline void load_pair(const Bf16* p, Lanes& even, Lanes& odd) {
     LanesU32 words;
     std::memcpy(&words, p, sizeof words);
@@ -312,14 +319,14 @@ inline void coefficient_rows(const Plan& p, int ny, int nx, int64_t W, const flo
     }
 }
 
-typedef float Lanes8 __attribute__((vector_size(32)));
-typedef float Lanes4 __attribute__((vector_size(16)));
-
-inline float horizontal_sum(Lanes v) {  // a halving tree: 4 adds instead of 15
-    const Lanes8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                      __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    const Lanes4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
-    return (h4[0] + h4[2]) + (h4[1] + h4[3]);
+// The sum of the lanes as a halving tree (log2(kLanes) vector adds, then one scalar add per level left),
+// in a fixed order per copy.
+inline float horizontal_sum(Lanes v) {
+    float lane[kLanes];
+    std::memcpy(lane, &v, sizeof lane);
+    for (int half = kLanes / 2; half >= 1; half /= 2)
+        for (int i = 0; i < half; ++i) lane[i] += lane[i + half];
+    return lane[0];
 }
 
 // Skip plane whose rows are contiguous in x (input and output), for a band of NY > 0 rows of
@@ -344,7 +351,7 @@ template <class T, int NY, bool LAST_SINE_ZERO> void skip_plane_strips(const Pla
         for (int j = 0; j < nx; ++j)
             for (int k = 0; k < 4; ++k) moments[i][j][k] = Lanes{};
     const int64_t pitch = padded(W);
-    // bfloat16: whole blocks of 32 columns as (even, odd) lane pairs (load_pair); the rest in strips.
+    // bfloat16: whole blocks of 2 kLanes columns as (even, odd) lane pairs (load_pair); the rest in strips.
     const int64_t pairs_end = std::is_same_v<T, Bf16> ? W / (2 * kLanes) * (2 * kLanes) : 0;
     if constexpr (std::is_same_v<T, Bf16>) {
         for (int64_t x0 = 0; x0 < pairs_end; x0 += 2 * kLanes) {
@@ -561,7 +568,7 @@ template <class T> void backbone_row_channels_last(const Plan& p, int64_t n, int
 // per row, the x moments (rc, rs) over the pixels, folded into the (i, j) moments with the row's y
 // twiddles; sweep 2: per row, the update's x coefficients (lc, ls) from the y twiddles, then per pixel
 // g_hi h + sum_j lc_j cos_x_j + ls_j sin_x_j.
-// HALVES = 2 (bfloat16, a full block of 32 channels): the block is read as 16 words (load_pair), its even
+// HALVES = 2 (bfloat16, a full block of 2 kLanes channels): the block is read as kLanes words (load_pair), its even
 // and odd channels in two vectors; the moments are per channel, so the lane order costs nothing.
 template <class T, int HALVES> inline void load_block(const T* p, int lanes, Lanes (&v)[HALVES]) {
     if constexpr (HALVES == 2) {
@@ -646,16 +653,17 @@ void skip_block_channels_last(const Plan& p, int64_t n, int64_t f, int64_t c0, i
     }
 }
 
-// Channels per skip work item in the channels_last path: 32 for bfloat16 (one 64-byte word block), else 16.
+// Channels per skip work item in the channels_last path: 2 kLanes for bfloat16 (one register of words), else
+// kLanes (freeu_cpu.cpp sizes the work items with the copy's kLanes).
 template <class T> constexpr int64_t channel_block() { return std::is_same_v<T, Bf16> ? 2 * kLanes : kLanes; }
 
 template <class T, int NY, int NX, bool LAST_SINE_ZERO>
 void skip_block_channels_last_sized(const Plan& p, int64_t n, int64_t f, int64_t c0) {
     const int64_t lanes = std::min<int64_t>(channel_block<T>(), p.a->ch - c0);
     if (lanes == 2 * kLanes) {
-        if constexpr (std::is_same_v<T, Bf16>) return skip_block_channels_last<T, NY, NX, LAST_SINE_ZERO, 2>(p, n, f, c0, 32);
+        if constexpr (std::is_same_v<T, Bf16>) return skip_block_channels_last<T, NY, NX, LAST_SINE_ZERO, 2>(p, n, f, c0, 2 * kLanes);
     }
-    for (int64_t c = c0; c < c0 + lanes; c += kLanes)  // 16 channels at a time (a narrower last one)
+    for (int64_t c = c0; c < c0 + lanes; c += kLanes)  // kLanes channels at a time (a narrower last one)
         skip_block_channels_last<T, NY, NX, LAST_SINE_ZERO, 1>(p, n, f, c, int(std::min<int64_t>(kLanes, c0 + lanes - c)));
 }
 

@@ -69,6 +69,31 @@ typedef struct FreeuFusedConcatArgs {
     int32_t num_sms;      /* multiprocessor count of the device, or <= 0 to query it */
 } FreeuFusedConcatArgs;
 
+/* Launch paths of one role (FreeuPlanInfo), see csrc/README.md. */
+#define FREEU_PATH_NONE 0      /* the role has no elements */
+#define FREEU_PATH_FLAT 1      /* scaled copy of contiguous runs (16-byte vectors) */
+#define FREEU_PATH_PLANES 2    /* elementwise over groups of planes, any strides */
+#define FREEU_PATH_TILE 3      /* skip filter, each plane held in registers (contiguous rows, small bands) */
+#define FREEU_PATH_ON_CHIP 4   /* skip filter, groups of planes staged in shared memory */
+#define FREEU_PATH_TWO_SWEEP 5 /* skip filter, one plane per block, two sweeps over global memory */
+
+/* The launch plan freeu_fused_concat computes for some arguments (host only: nothing is launched). It is
+ * what a GPU-less analysis (bench/codegen) needs to count the compiled code exactly as it would run. */
+typedef struct FreeuPlanInfo {
+    int32_t skip_path, backbone_path;     /* FREEU_PATH_* */
+    int64_t skip_blocks, backbone_blocks; /* blocks [0, skip_blocks) are skip tasks, the rest backbone */
+    int32_t threads, smem_bytes;          /* per block */
+    int32_t skip_vec, backbone_vec;       /* 1: 16-byte vectors */
+    int32_t skip_planes_per_block;        /* G (plane paths) */
+    int32_t tile_lanes, tile_threads_per_plane; /* register-tile filter: lanes per row, threads per plane */
+    int32_t lanes_row, lanes_col, use_tab, tile_rows; /* shared-memory filter paths */
+    int32_t skip_task_vecs, backbone_task_vecs;       /* flat paths: vectors per block */
+    int32_t ny, nx, version, channels_last;
+} FreeuPlanInfo;
+
+/* Fills *plan with the launch freeu_fused_concat(args) would make; 0 or the same error code. */
+FREEU_API int freeu_plan(const FreeuFusedConcatArgs* args, FreeuPlanInfo* plan);
+
 /* FREEU_ABI_VERSION of the compiled library, and sizeof(FreeuFusedConcatArgs) (a caller checks both). */
 FREEU_API int freeu_abi_version(void);
 FREEU_API int64_t freeu_args_size(void);

@@ -2,6 +2,8 @@
 
 ``fused_concat`` is the op (``torch.ops.freeu.fused_concat`` behind it); ``fused_concat_reference`` and
 ``fourier_filter_reference`` replicate the official FFT code path (the test oracle and the baseline).
+The framework integrations live in :mod:`freeu_kernels.integrations`; their main names are re-exported
+here and imported on first use (diffusers is an optional extra).
 """
 
 from .ops import available_backends, fused_concat, resolve_backend
@@ -10,21 +12,26 @@ from .spec import Backend, Mask
 
 __version__ = "0.1.0"
 
-# diffusers is an optional extra: its integration is imported on first use of one of these names.
-_DIFFUSERS_NAMES = {"enable_freeu", "disable_freeu", "freeu", "FreeUSchedule"}
-_PRESET_NAMES = {"PRESETS", "get_preset"}
+# Name -> the integrations module that defines it, imported on first use of the name.
+_LAZY_NAMES = {
+    "enable_freeu": "diffusers",
+    "disable_freeu": "diffusers",
+    "freeu": "diffusers",
+    "FreeUSchedule": "stages",
+    "FreeUStage": "stages",
+    "ChannelWindow": "stages",
+    "PRESETS": "presets",
+    "get_preset": "presets",
+}
 
 
 def __getattr__(name):
-    if name in _DIFFUSERS_NAMES:
-        from . import diffusers_integration
+    module_name = _LAZY_NAMES.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'freeu_kernels' has no attribute {name!r}")
+    import importlib
 
-        return getattr(diffusers_integration, name)
-    if name in _PRESET_NAMES:
-        from . import presets
-
-        return getattr(presets, name)
-    raise AttributeError(f"module 'freeu_kernels' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".integrations.{module_name}", __name__), name)
 
 
 __all__ = [
@@ -37,6 +44,5 @@ __all__ = [
     "resolve_backend",
     "structure_map",
     "__version__",
-    *sorted(_DIFFUSERS_NAMES),
-    *sorted(_PRESET_NAMES),
+    *sorted(_LAZY_NAMES),
 ]

@@ -1,33 +1,56 @@
 """``torch.ops.freeu.fused_concat``: one schema, its fake, its autograd and the backend choice, in one place.
 
-The schema is defined in Python (torch.library.custom_op); backends only supply kernels. The op is
-opaque to torch.compile (the fake gives the compiler the output's shape, dtype and strides), so a
-compiled U-Net keeps one node per concat, and ``b``/``s`` stay tensors: a FreeU schedule that changes
-them every step neither recompiles nor gets baked into a CUDA graph.
+The schema is defined with ``torch.library.Library`` (define + impl + register_fake); backends only
+supply kernels. The op is opaque to torch.compile (the fake gives the compiler the output's shape, dtype
+and strides), so a compiled U-Net keeps one node per concat, and ``b``/``s`` stay tensors: a FreeU
+schedule that changes them every step neither recompiles nor gets baked into a CUDA graph. It is not
+registered with ``torch.library.custom_op`` because that wraps every kernel in torch._dynamo.disable,
+which imports torch._dynamo (about a second) on the first call and costs a few microseconds on every one.
+
+Schema (what ``torch.ops.freeu.fused_concat`` takes; :func:`fused_concat` accepts the Python forms):
+``fused_concat(Tensor x, Tensor h, Tensor b, Tensor s, *, int threshold=1, int threshold_cols=-1,
+int version=1, int[]? backbone_channels=None, float high_gain=1.0, str mask='box', str backend='auto')``.
+``threshold_cols`` >= 0 makes the box per axis, ``(threshold, threshold_cols)``; -1 means equal to
+``threshold``. ``backbone_channels`` is a flat list of (start, stop) pairs, ``[s0, e0, s1, e1, ...]``
+(``[]``: no channel scaled; None: the first half). Thresholds must fit int64 here; the wrapper clamps
+them to the plane first (spec.clamp_threshold), so any Python int works through it.
 
 Autograd (the filter is linear and self-adjoint): for an output gradient g,
     grad_h = filter(g[:, Cx:])                      Re(F^-1 diag(G) F) is symmetric for real gains G
-    grad_x = g[:, :Cx] * scale                      version 1: scale = b on the window, 1 elsewhere
-so version 1's backward is the op itself applied to g, and saves no tensor. Version 2's scale depends on
-x through the mean map and its min/max; its backward recomputes that small map under autograd.
-Gradients do not flow to b and s (they are schedule constants, not parameters).
+    grad_x = g[:, :Cx] * scale                      version 1: scale = b on the windows, 1 elsewhere
+so version 1's backward is the op itself applied to g, saves no tensor, and is itself differentiable
+(double backward, gradgradcheck). Version 2's scale depends on x through the mean map and its
+min/max; its backward differentiates reference.scale_backbone (the same math in PyTorch ops) with
+``create_graph`` when grad mode is on, so second-order gradients flow to x and to g.
+Forward mode (torch.func.jvp, torch.autograd.forward_ad): the tangent of version 1 is the op applied
+to the tangents (linearity); version 2's is the linearisation of the map (_scale_backbone_jvp).
+Gradients and tangents do not flow to b and s (they are schedule constants, not parameters).
+
+Several backbone ranges: the kernels take one window (spec.window, the first range); the op writes
+every further range (spec.extra_windows) with one scaled multiply each, into the kernel's output.
+
+Per-call cost: validation (spec.cached_spec), the backend choice and the kernel's argument packing are
+memoised per (shapes, strides, dtype, device, layout, options) key, so a repeated call re-validates
+nothing (tests/test_overhead.py counts it); a key is stored only after the full checks accepted it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+import threading
+from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .backends import registry
-from .reference import structure_map
-from .spec import Backend, FreeUSpec, allocate_output, check_factor, make_spec, output_memory_format
+from .reference import scale_backbone, structure_map
+from .spec import (Backend, FreeUSpec, allocate_output, cached_spec, check_factor, make_spec, output_memory_format,
+                   parse_backbone_channels)
 
 __all__ = ["fused_concat", "available_backends", "resolve_backend", "ENV_BACKEND"]
 
 ENV_BACKEND = "FREEU_KERNELS_BACKEND"
-
 
 def available_backends(device: Optional[torch.device | str] = None) -> List[str]:
     """Names of the backends that can run here, best first for ``device`` (default: cuda if present).
@@ -76,84 +99,271 @@ def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("freeu::fused_concat", mutates_args=())
-def _fused_concat_op(
-    x: torch.Tensor,
-    h: torch.Tensor,
-    b: torch.Tensor,
-    s: torch.Tensor,
-    *,
-    threshold: int = 1,
-    version: int = 1,
-    backbone_channels: Optional[List[int]] = None,
-    high_gain: float = 1.0,
-    mask: str = "box",
-    backend: str = "auto",
-) -> torch.Tensor:
-    spec = make_spec(x, h, threshold, version, backbone_channels, high_gain, mask)
-    check_factor("b", b, x.device)
-    check_factor("s", s, x.device)
-    chosen = resolve_backend(backend, x.device, spec,
-                             channels_last=output_memory_format(x) != torch.contiguous_format)
+# (spec, requested backend, $FREEU_KERNELS_BACKEND, channels_last) -> kernel function. Availability does
+# not change within a process (libraries load once), so the choice is a pure function of that key.
+_KERNEL_CACHE: Dict[tuple, object] = {}
+
+
+def _kernel_for(spec: FreeUSpec, requested: str, device: torch.device, channels_last: bool):
+    key = (spec, requested, os.environ.get(ENV_BACKEND) if requested == "auto" else None, channels_last)
+    kernel = _KERNEL_CACHE.get(key)
+    if kernel is None:
+        kernel = registry.kernel(resolve_backend(requested, device, spec, channels_last=channels_last).value)
+        if len(_KERNEL_CACHE) >= 4096:
+            _KERNEL_CACHE.clear()
+        _KERNEL_CACHE[key] = kernel
+    return kernel
+
+
+def _threshold_arg(threshold: int, threshold_cols: int):
+    return threshold if threshold_cols < 0 else (threshold, threshold_cols)
+
+
+def _write_extra_windows(out: torch.Tensor, x: torch.Tensor, b: torch.Tensor, spec: FreeUSpec, scale_map) -> None:
+    """out[:, a:c] = x[:, a:c] * factor for every range after the first (the kernels write only the first).
+
+    The factor is the float32 (float64) b, as a host scalar when both are on the CPU, or the v2 scale
+    map; the product is rounded once into out, as the kernels round theirs.
+    """
+    if scale_map is not None:
+        factor = scale_map.unsqueeze(1)
+    elif b.device.type == "cpu" and x.device.type == "cpu":
+        factor = b.item()
+    else:
+        factor = b
+    for start, stop in spec.extra_windows:
+        torch.mul(x[:, start:stop], factor, out=out[:, start:stop])
+
+
+_FLOAT_FACTOR_DTYPES = (torch.float32, torch.float64)
+
+# Validated calls of the op, keyed on everything make_spec and the backend choice read (shapes, strides,
+# dtypes, devices, option values, $FREEU_KERNELS_BACKEND): (spec, kernel). Stored only once validated.
+_CALL_PLANS: Dict[tuple, tuple] = {}
+
+
+def _plain_factor(value: torch.Tensor, device: torch.device) -> bool:
+    """The common case check_factor accepts, tested in a few attribute reads: a dense 0-d float32/float64
+    tensor on the CPU or on x's device (anything else goes through check_factor for its message)."""
+    return (value.layout == torch.strided and value.dim() == 0 and value.dtype in _FLOAT_FACTOR_DTYPES
+            and (value.device.type == "cpu" or value.device == device))
+
+
+def _fused_concat_impl(x, h, b, s, *, threshold=1, threshold_cols=-1, version=1, backbone_channels=None,
+                       high_gain=1.0, mask="box", backend="auto"):
+    """The op's kernel for every device: validate (memoised), choose the backend, run it."""
+    device = x.device
+    try:
+        # The schema has fixed the options' types, so their values key the plan; the tensors' strides
+        # decide the memory format and hence the backend.
+        key = (x.shape, x.stride(), x.dtype, device, h.shape, h.stride(), h.dtype, h.device, threshold,
+               threshold_cols, version, None if backbone_channels is None else tuple(backbone_channels),
+               high_gain, mask, backend, os.environ.get(ENV_BACKEND) if backend == "auto" else None)
+        plan = _CALL_PLANS.get(key)
+    except (RuntimeError, TypeError):  # no strides (sparse, mkldnn) or symbolic sizes: the full path
+        key = plan = None
+    if plan is None:
+        spec = cached_spec(x, h, _threshold_arg(threshold, threshold_cols), version, backbone_channels, high_gain,
+                           mask)
+        plan = spec, _kernel_for(spec, backend, device, output_memory_format(x) != torch.contiguous_format)
+        if key is not None:
+            if len(_CALL_PLANS) >= 4096:
+                _CALL_PLANS.clear()
+            _CALL_PLANS[key] = plan
+    spec, kernel = plan
+    if not (_plain_factor(b, device) and _plain_factor(s, device)):
+        check_factor("b", b, device)
+        check_factor("s", s, device)
     factor_dtype = _factor_dtype(x.dtype)
-    b = b.to(factor_dtype)
-    s = s.to(factor_dtype)
+    if b.dtype != factor_dtype:
+        b = b.to(factor_dtype)
+    if s.dtype != factor_dtype:
+        s = s.to(factor_dtype)
     scale_map = None
-    start, stop = spec.window
-    if spec.version == 2 and stop > start and x.numel() > 0:
+    if spec.version == 2 and spec.windows and x.numel() > 0:
         # A CPU 0-d b combines with a device map as a scalar: no host-to-device copy, capture-safe.
         scale_map = (b - 1) * structure_map(x).to(factor_dtype) + 1
-    return registry.kernel(chosen.value)(x, h, b, s, spec, scale_map)
+    out = kernel(x, h, b, s, spec, scale_map)
+    if spec.extra_windows:
+        _write_extra_windows(out, x, b, spec, scale_map)
+    return out
 
 
-@_fused_concat_op.register_fake
-def _fused_concat_fake(x, h, b, s, *, threshold=1, version=1, backbone_channels=None, high_gain=1.0,
-                       mask="box", backend="auto"):
-    spec = make_spec(x, h, threshold, version, backbone_channels, high_gain, mask)
+def _fused_concat_fake(x, h, b, s, *, threshold=1, threshold_cols=-1, version=1, backbone_channels=None,
+                       high_gain=1.0, mask="box", backend="auto"):
+    spec = cached_spec(x, h, _threshold_arg(threshold, threshold_cols), version, backbone_channels, high_gain, mask)
     return allocate_output(x, spec.skip_channels)
 
 
-def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    x, h, b, s = inputs
-    ctx.options = dict(keyword_only_inputs)
-    ctx.cx = x.shape[1]
-    ctx.save_for_backward(x if keyword_only_inputs.get("version", 1) == 2 else None, b, s)
+def _scale_backbone_jvp(x: torch.Tensor, tangent: torch.Tensor, b: torch.Tensor, windows, compute) -> torch.Tensor:
+    """Tangent of reference.scale_backbone(x, b, windows, version=2) at x along ``tangent``.
+
+    With m the channel mean, lo/hi its per-sample min/max, span = hi - lo (1 where it is 0, as the map
+    does) and m^ = (m - lo) / span:  dm^ = (dm - dlo) / span - (m - lo) dspan / span^2, where dlo (dhi)
+    is dm averaged over the positions attaining the min (max), the derivative autograd gives amin/amax,
+    and dspan = dhi - dlo where span > 0, else 0. The window's product x (b - 1) m^ + x has tangent
+    dx ((b - 1) m^ + 1) + x (b - 1) dm^; channels outside the windows pass their tangent unchanged.
+    """
+    xc, tc = x.to(compute), tangent.to(compute)
+    mean, dmean = xc.mean(dim=1), tc.mean(dim=1)
+    flat, dflat = mean.flatten(1), dmean.flatten(1)
+    low, high = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+    at_low, at_high = (flat == low).to(compute), (flat == high).to(compute)
+    dlow = (dflat * at_low).sum(1, keepdim=True) / at_low.sum(1, keepdim=True)
+    dhigh = (dflat * at_high).sum(1, keepdim=True) / at_high.sum(1, keepdim=True)
+    span = high - low
+    positive = span > 0
+    safe_span = torch.where(positive, span, torch.ones_like(span))
+    dspan = torch.where(positive, dhigh - dlow, torch.zeros_like(span))
+    normalised = (flat - low) / safe_span
+    dnormalised = (dflat - dlow) / safe_span - (flat - low) * dspan / safe_span ** 2
+    gain = b.to(device=x.device, dtype=compute) - 1
+    scale = (gain * normalised + 1).view(mean.shape).unsqueeze(1)
+    dscale = (gain * dnormalised).view(mean.shape).unsqueeze(1)
+    out = tc.clone()
+    for start, stop in windows:
+        out[:, start:stop] = tc[:, start:stop] * scale + xc[:, start:stop] * dscale
+    return out.to(x.dtype)
 
 
-def _backward(ctx, grad):
-    x, b, s = ctx.saved_tensors
-    options = ctx.options
-    cx = ctx.cx
-    grad_x, grad_h = grad[:, :cx], grad[:, cx:]
-    if options.get("version", 1) == 1:
-        both = torch.ops.freeu.fused_concat(grad_x, grad_h, b, s, **options)
-        return both[:, :cx], both[:, cx:], None, None
-    # Version 2: filter the skip gradient (version 1 with b = 1 leaves grad_x as it is) ...
-    v1_options = dict(options, version=1)
-    filtered = torch.ops.freeu.fused_concat(grad_x, grad_h, torch.ones_like(b), s, **v1_options)[:, cx:]
-    # ... and differentiate x[:, window] * ((b - 1) m^(x) + 1) through the map, its mean, min and max.
-    start, stop = make_spec(x, grad_h, options.get("threshold", 1), 2, options.get("backbone_channels"),
-                            options.get("high_gain", 1.0), options.get("mask", "box")).window
-    compute = _factor_dtype(x.dtype)
-    with torch.enable_grad():
-        xd = x.detach().to(compute).requires_grad_(True)
-        scale = (b.to(device=x.device, dtype=compute) - 1) * structure_map(xd) + 1
-        scaled = xd[:, start:stop] * scale.unsqueeze(1)
-        (through_window,) = torch.autograd.grad(scaled, xd, grad_x[:, start:stop].to(compute))
-    outside = grad_x.to(compute).clone()
-    outside[:, start:stop] = 0
-    return (outside + through_window).to(x.dtype), filtered, None, None
+_INSIDE_FUNCTION = threading.local()
 
 
-_fused_concat_op.register_autograd(_backward, setup_context=_setup_context)
+class _FusedConcatFunction(torch.autograd.Function):
+    """The op's autograd: backward (double-differentiable) and a forward-mode rule (jvp)."""
+
+    @staticmethod
+    def forward(x, h, b, s, options):
+        previous = getattr(_INSIDE_FUNCTION, "active", False)
+        _INSIDE_FUNCTION.active = True  # under torch.func the op below sees the transform's wrapped tensors
+        try:
+            with torch._C._AutoDispatchBelowAutograd():
+                return _OP(x, h, b, s, **options)
+        finally:
+            _INSIDE_FUNCTION.active = previous
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, h, b, s, options = inputs
+        ctx.options = options
+        ctx.cx = x.shape[1]
+        ctx.windows = parse_backbone_channels(options.get("backbone_channels"), x.shape[1])
+        ctx.version2 = options.get("version", 1) == 2
+        ctx.save_for_backward(x if ctx.version2 else None, b, s)
+        ctx.save_for_forward(x if ctx.version2 else None, b, s)
+        ctx.input_meta = (x.shape, h.shape, x.dtype, x.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, b, s = ctx.saved_tensors
+        cx, options = ctx.cx, ctx.options
+        grad_x, grad_h = grad[:, :cx], grad[:, cx:]
+        if not ctx.version2:
+            both = _apply_op(grad_x, grad_h, b, s, options)
+            return both[:, :cx], both[:, cx:], None, None, None
+        # Version 2: filter the skip gradient (version 1 with b = 1 leaves grad_x as it is) ...
+        filtered = _apply_op(grad_x, grad_h, torch.ones_like(b), s, dict(options, version=1))[:, cx:]
+        if x.numel() == 0 or not ctx.windows:  # no map (the forward skips it too): the backbone is copied
+            return grad_x.clone(), filtered, None, None, None
+        # ... and differentiate the backbone, x * ((b - 1) m^(x) + 1) on the windows, through the map's
+        # mean, min and max. Under create_graph (grad mode on here) the result stays differentiable in x
+        # and in grad_x.
+        compute = _factor_dtype(x.dtype)
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            if create_graph and x.requires_grad:
+                xd = x.to(compute)
+            else:
+                xd = x.detach().to(compute).requires_grad_(True)
+            backbone = scale_backbone(xd, b.to(device=x.device, dtype=compute), ctx.windows, 2)
+            (grad_backbone,) = torch.autograd.grad(backbone, xd, grad_x.to(compute), create_graph=create_graph)
+        return grad_backbone.to(x.dtype), filtered, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tangent_x, tangent_h, tangent_b, tangent_s, _):
+        x, b, s = ctx.saved_tensors
+        x_shape, h_shape, dtype, device = ctx.input_meta
+        if tangent_x is None:
+            tangent_x = torch.zeros(x_shape, dtype=dtype, device=device)
+        if tangent_h is None:
+            tangent_h = torch.zeros(h_shape, dtype=dtype, device=device)
+        options = ctx.options
+        if not ctx.version2:
+            return _apply_op(tangent_x, tangent_h, b, s, options)
+        skip = _apply_op(tangent_x, tangent_h, torch.ones_like(b), s, dict(options, version=1))[:, ctx.cx:]
+        if x.numel() == 0 or not ctx.windows:
+            return torch.cat([tangent_x, skip], dim=1)
+        backbone = _scale_backbone_jvp(x, tangent_x, b, ctx.windows, _factor_dtype(x.dtype))
+        return torch.cat([backbone, skip], dim=1)
+
+
+def _autograd_kernel(keyset, x, h, b, s, **options):
+    """The op at the Autograd key: through _FusedConcatFunction when a gradient or a tangent can flow."""
+    inside_function = False
+    if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
+        inside_function = getattr(_INSIDE_FUNCTION, "active", False)
+        if torch._C._are_functorch_transforms_active() and not inside_function:
+            # autograd.Function under torch.func must be applied above the dispatcher (fused_concat does);
+            # inside its forward the op runs plainly, the transform applies the Function's rules.
+            raise RuntimeError("torch.ops.freeu.fused_concat under torch.func transforms (jvp, grad, vmap): call "
+                               "freeu_kernels.fused_concat instead, which applies the op's autograd rules there")
+        if not inside_function:
+            return _FusedConcatFunction.apply(x, h, b, s, options)
+    grad_mode = torch.is_grad_enabled()
+    if grad_mode and (x.requires_grad or h.requires_grad) and not getattr(_INSIDE_FUNCTION, "active", False):
+        return _FusedConcatFunction.apply(x, h, b, s, options)
+    below = keyset & torch._C._after_autograd_keyset
+    if below.highestPriorityTypeId() in _PLAIN_DEVICE_KEYS:
+        # Nothing but the device kernel below (no mode, no fake or functional tensor): call it directly,
+        # which is what the redispatch would reach, minus its Python wrapper. With no input that
+        # requires grad, the kernel's own aten ops record nothing, so the below-autograd guard is moot.
+        if not (grad_mode and (b.requires_grad or s.requires_grad or inside_function)):
+            return _fused_concat_impl(x, h, b, s, **options)
+        with torch._C._AutoDispatchBelowAutograd():
+            return _fused_concat_impl(x, h, b, s, **options)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _OP.redispatch(below, x, h, b, s, **options)
+
+
+_PLAIN_DEVICE_KEYS = frozenset((torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA))
+
+
+_LIBRARY = torch.library.Library("freeu", "DEF")
+_LIBRARY.define(
+    "fused_concat(Tensor x, Tensor h, Tensor b, Tensor s, *, int threshold=1, int threshold_cols=-1, "
+    "int version=1, int[]? backbone_channels=None, float high_gain=1.0, str mask='box', "
+    "str backend='auto') -> Tensor"
+)
+_LIBRARY.impl("fused_concat", _fused_concat_impl, "CompositeExplicitAutograd")
+_LIBRARY.impl("fused_concat", _autograd_kernel, "Autograd", with_keyset=True)
+torch.library.register_fake("freeu::fused_concat", _fused_concat_fake, lib=_LIBRARY)
+_OP = torch.ops.freeu.fused_concat.default
+
+
+# Python-number factors become 0-d CPU tensors (read on the host by the kernels, no device copy). The
+# few values a schedule uses are kept (keyed on type, value and dtype), so a call does not build two
+# tensors; nothing outside the op ever sees these tensors, and the kernels only read them.
+_FACTOR_TENSORS: Dict[tuple, torch.Tensor] = {}
 
 
 def _as_factor(name: str, value, like: torch.Tensor) -> torch.Tensor:
-    """A Python number becomes a 0-d CPU tensor (read on the host by the kernels, no device copy)."""
-    check_factor(name, value, like.device)
     if isinstance(value, torch.Tensor):
+        check_factor(name, value, like.device)
         return value
-    return torch.tensor(float(value), dtype=torch.float64)
+    dtype = _factor_dtype(like.dtype) if isinstance(like, torch.Tensor) else torch.float64
+    kind = type(value)
+    key = (kind, value, dtype)
+    if kind is float or kind is int:
+        tensor = _FACTOR_TENSORS.get(key)
+        if tensor is not None:
+            return tensor
+    check_factor(name, value, like.device)
+    tensor = torch.tensor(float(value), dtype=dtype)
+    if kind is float or kind is int:
+        if len(_FACTOR_TENSORS) >= 256:
+            _FACTOR_TENSORS.clear()
+        _FACTOR_TENSORS[key] = tensor
+    return tensor
 
 
 def fused_concat(
@@ -162,10 +372,10 @@ def fused_concat(
     b,
     s,
     *,
-    threshold: int = 1,
+    threshold=1,
     backend: Optional[str] = None,
     version: int = 1,
-    backbone_channels: Optional[Sequence[int]] = None,
+    backbone_channels=None,
     high_gain: float = 1.0,
     mask: str = "box",
 ) -> torch.Tensor:
@@ -173,38 +383,81 @@ def fused_concat(
 
     Args:
         x: backbone features (N, Cx, H, W) or (N, Cx, F, H, W); float16, bfloat16, float32 (float64 on
-            the torch backend).
+            the torch backend); a dense (strided) tensor.
         h: skip features (N, Ch, ...) with x's N, trailing dims, dtype and device; any Ch.
-        b: backbone factor, a float or a 0-d tensor (keep it a tensor on x's device under
+        b: backbone factor, a finite float or a 0-d tensor (keep it a tensor on x's device under
             torch.compile / CUDA graphs so a schedule can change it without recompiling or re-capturing).
-        s: skip factor: the gain of the masked low frequencies, float or 0-d tensor.
-        threshold: mask size (int >= 0; 0 leaves h unfiltered; past the plane size it clamps like the
-            reference's slices).
+            A Python number that is inf or NaN is a ValueError; a tensor's value is not inspected (that
+            would synchronise with the device): a non-finite tensor factor gives a non-finite output.
+        s: skip factor: the gain of the masked low frequencies, finite float or 0-d tensor (as b).
+        threshold: mask size: an int t >= 0 (0 leaves h unfiltered), or a pair ``(t_rows, t_cols)`` for a
+            rectangular box ``[H//2 - t_rows : H//2 + t_rows] x [W//2 - t_cols : W//2 + t_cols]``. Past the
+            plane it clamps like the reference's slices (a radius past the plane's diagonal keeps every
+            frequency); any size of int is accepted.
         backend: "torch", "cpu", "triton", "cuda" or None/"auto" (then $FREEU_KERNELS_BACKEND, then the best
             available for x's device). An unavailable backend raises ValueError.
-        version: 1 (scale the window by b) or 2 (scale it by (b - 1) * m^ + 1, m^ the normalised
+        version: 1 (scale the windows by b) or 2 (scale them by (b - 1) * m^ + 1, m^ the normalised
             channel-mean map; a constant map gives m^ = 0, i.e. no scaling).
-        backbone_channels: (start, stop) window of x's channels that is scaled; default (0, Cx // 2).
-        high_gain: gain of the frequencies outside the mask (1.0 in the reference).
-        mask: "box" (the official code's square) or "radial" (the paper's disc, dy^2 + dx^2 < t^2).
+        backbone_channels: the scaled channels of x: one ``(start, stop)`` pair, a sequence of pairs
+            (several ranges; overlapping or adjacent ones merge, an empty sequence scales nothing), or
+            None for ``(0, Cx // 2)``. Each pair satisfies 0 <= start <= stop <= Cx.
+        high_gain: finite gain of the frequencies outside the mask (1.0 in the reference).
+        mask: "box" (the official code's square) or "radial" (the paper's disc, dy^2 + dx^2 < t^2; takes
+            an int threshold or an equal pair).
 
     Returns:
         (N, Cx + Ch, ...) tensor in x's dtype and memory format. x and h are not modified. Under
-        no_grad / inference_mode nothing is saved for backward; otherwise gradients flow to x and h.
+        no_grad / inference_mode nothing is saved for backward; otherwise gradients flow to x and h
+        (second order too), and forward-mode AD gives tangents for x and h.
     """
-    # Validate here too: the op's schema would otherwise reject a wrong type with a less helpful message.
-    make_spec(x, h, threshold, version, backbone_channels, high_gain, mask)
-    b = _as_factor("b", b, x)
-    s = _as_factor("s", s, x)
-    return torch.ops.freeu.fused_concat(
-        x,
-        h,
-        b,
-        s,
-        threshold=threshold,
-        version=version,
-        backbone_channels=None if backbone_channels is None else list(backbone_channels),
-        high_gain=high_gain,
-        mask=mask,
-        backend="auto" if backend is None else str(getattr(backend, "value", backend)),
+    backend = "auto" if backend is None else str(getattr(backend, "value", backend))
+    if torch.compiler.is_compiling():  # traced by Dynamo: plain validation, no process-wide caches
+        spec = make_spec(x, h, threshold, version, backbone_channels, high_gain, mask)
+        check_factor("b", b, x.device)
+        check_factor("s", s, x.device)
+        b = b if isinstance(b, torch.Tensor) else torch.tensor(float(b), dtype=torch.float64)
+        s = s if isinstance(s, torch.Tensor) else torch.tensor(float(s), dtype=torch.float64)
+        options = _op_options(spec, backbone_channels, backend)
+    else:
+        spec = cached_spec(x, h, threshold, version, backbone_channels, high_gain, mask)
+        options = _OPTIONS.get((spec, backbone_channels is None, backend))
+        if options is None:
+            options = _op_options(spec, backbone_channels, backend)
+            if len(_OPTIONS) >= 4096:
+                _OPTIONS.clear()
+            _OPTIONS[(spec, backbone_channels is None, backend)] = options
+        b = _as_factor("b", b, x)
+        s = _as_factor("s", s, x)
+    return _apply_op(x, h, b, s, options)
+
+
+def _apply_op(x, h, b, s, options: dict) -> torch.Tensor:
+    """The op; under torch.func transforms (jvp, grad) its autograd.Function applied directly, which is
+    where those transforms take an autograd.Function's rules from."""
+    if torch._C._are_functorch_transforms_active():
+        return _FusedConcatFunction.apply(x, h, b, s, options)
+    return _OP(x, h, b, s, **options)
+
+
+_OPTIONS: Dict[tuple, dict] = {}
+
+
+def _op_options(spec: FreeUSpec, backbone_channels, backend: str) -> dict:
+    """The schema's keyword arguments for a validated call: thresholds clamped to the plane (so they fit
+    the schema's int64), the merged channel ranges as a flat list."""
+    t_rows, t_cols = spec.threshold
+    options = dict(
+        threshold=t_rows,
+        threshold_cols=-1 if t_rows == t_cols else t_cols,
+        version=spec.version,
+        backbone_channels=None if backbone_channels is None else [v for window in spec.windows for v in window],
+        high_gain=spec.high_gain,
+        mask=spec.mask.value,
+        backend=backend,
     )
+    # Only what differs from the schema's defaults: each keyword costs the dispatcher a parse.
+    return {name: value for name, value in options.items() if value != _SCHEMA_DEFAULTS[name]}
+
+
+_SCHEMA_DEFAULTS = dict(threshold=1, threshold_cols=-1, version=1, backbone_channels=None, high_gain=1.0, mask="box",
+                        backend="auto")

@@ -15,10 +15,12 @@ integers and the mask kind to rebuild K, no frequency tensor.
 
 from __future__ import annotations
 
+import collections.abc
 import enum
+import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -31,6 +33,10 @@ __all__ = [
     "KERNEL_DTYPES",
     "MAX_LOWRANK_FREQUENCIES_PER_AXIS",
     "make_spec",
+    "cached_spec",
+    "clamp_threshold",
+    "parse_threshold",
+    "parse_backbone_channels",
     "allocate_output",
     "output_memory_format",
     "check_factor",
@@ -121,15 +127,92 @@ def _radial_range(size: int, threshold: int) -> Tuple[int, int]:
     return lo, max(0, hi - lo + 1)
 
 
-def frequency_band(height: int, width: int, threshold: int, mask: Mask) -> FrequencyBand:
-    """The masked frequency grid of an H x W plane for this threshold and mask kind."""
+ThresholdArg = Union[int, Tuple[int, int]]
+
+
+def parse_threshold(threshold, mask: "Mask") -> Tuple[int, int]:
+    """``threshold`` as the pair (t_rows, t_cols): an int t means (t, t); the radial mask takes one radius.
+
+    Raises TypeError/ValueError naming ``threshold``. The values are not clamped here (see clamp_threshold).
+    """
+    if isinstance(threshold, collections.abc.Sequence) and not isinstance(threshold, (str, bytes)):
+        if len(threshold) != 2:
+            raise ValueError(f"threshold must be an int or a (t_rows, t_cols) pair, got {threshold!r}")
+        pair = (_check_int("threshold[0]", threshold[0]), _check_int("threshold[1]", threshold[1]))
+        if mask is Mask.RADIAL and pair[0] != pair[1]:
+            raise ValueError(f"threshold: the radial mask takes one radius (an int or an equal pair), got {pair}")
+        return pair
+    value = _check_int("threshold", threshold)
+    return value, value
+
+
+def clamp_threshold(height: int, width: int, threshold, mask: "Mask") -> Tuple[int, int]:
+    """The (t_rows, t_cols) that select exactly what ``threshold`` selects on an H x W plane, small enough
+    that no product of them overflows int64 (the one place every backend and the reference take it from).
+
+    Box, per axis of size n: the slice ``[n//2 - t : n//2 + t]`` is the same for every t >= n//2 + n
+    (its start is then <= -n, which clamps to 0, and its stop is >= n), so t is capped there; below that
+    cap it keeps Python's wrap of a start in [-n, 0) exactly as the reference's slice does.
+    Radial: every offset satisfies dy^2 + dx^2 <= (H//2)^2 + (W//2)^2 < (H//2 + W//2 + 1)^2, so a radius
+    past H//2 + W//2 + 1 (the plane's diagonal) selects every frequency, like that cap does; the cap
+    keeps t^2 below 2^63 for any plane torch can allocate.
+    """
+    t_rows, t_cols = parse_threshold(threshold, mask)
     if mask is Mask.BOX:
-        ky0, ny = _box_range(height, threshold)
-        kx0, nx = _box_range(width, threshold)
+        return min(t_rows, height // 2 + height), min(t_cols, width // 2 + width)
+    radius = min(t_rows, height // 2 + width // 2 + 1)
+    return radius, radius
+
+
+def frequency_band(height: int, width: int, threshold, mask: "Mask") -> FrequencyBand:
+    """The masked frequency grid of an H x W plane for this threshold (int or pair) and mask kind."""
+    t_rows, t_cols = clamp_threshold(height, width, threshold, mask)
+    if mask is Mask.BOX:
+        ky0, ny = _box_range(height, t_rows)
+        kx0, nx = _box_range(width, t_cols)
         return FrequencyBand(ky0, ny, kx0, nx, None)
-    ky0, ny = _radial_range(height, threshold)
-    kx0, nx = _radial_range(width, threshold)
-    return FrequencyBand(ky0, ny, kx0, nx, threshold * threshold)
+    ky0, ny = _radial_range(height, t_rows)
+    kx0, nx = _radial_range(width, t_cols)
+    return FrequencyBand(ky0, ny, kx0, nx, t_rows * t_rows)
+
+
+def _check_range(name: str, pair, channels: int) -> Tuple[int, int]:
+    if not isinstance(pair, collections.abc.Sequence) or isinstance(pair, (str, bytes)) or len(pair) != 2:
+        raise ValueError(f"{name} must be a (start, stop) pair, got {pair!r}")
+    start = _check_int(f"{name}[0]", pair[0])
+    stop = _check_int(f"{name}[1]", pair[1])
+    if not start <= stop <= channels:
+        raise ValueError(f"{name} must satisfy 0 <= start <= stop <= Cx={channels}, got ({start}, {stop})")
+    return start, stop
+
+
+def parse_backbone_channels(backbone_channels, channels: int) -> Tuple[Tuple[int, int], ...]:
+    """The scaled channel ranges of x, validated, sorted and merged (overlapping or adjacent ranges join).
+
+    Accepts None (the default ``(0, Cx // 2)``), one ``(start, stop)`` pair, a sequence of pairs (a
+    wrapped region is two ranges; an empty sequence scales nothing), or the op schema's flat list of 2k
+    ints (k pairs). Empty ranges are dropped, so the result may be empty (nothing scaled).
+    """
+    if backbone_channels is None:
+        pairs = [(0, channels // 2)]
+    elif not isinstance(backbone_channels, collections.abc.Sequence) or isinstance(backbone_channels, (str, bytes)):
+        raise TypeError("backbone_channels must be a (start, stop) pair or a sequence of such pairs (a list or "
+                        f"tuple), got {type(backbone_channels).__name__}")
+    elif len(backbone_channels) and all(isinstance(v, numbers.Integral) for v in backbone_channels):
+        if len(backbone_channels) % 2:
+            raise ValueError(f"backbone_channels must be a (start, stop) pair, got {backbone_channels!r}")
+        flat = list(backbone_channels)
+        name = "backbone_channels" if len(flat) == 2 else "backbone_channels (flat pairs)"
+        pairs = [_check_range(name, flat[i : i + 2], channels) for i in range(0, len(flat), 2)]
+    else:
+        pairs = [_check_range(f"backbone_channels[{i}]", pair, channels) for i, pair in enumerate(backbone_channels)]
+    merged = []
+    for start, stop in sorted(p for p in pairs if p[1] > p[0]):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return tuple(merged)
 
 
 @dataclass(frozen=True)
@@ -147,12 +230,26 @@ class FreeUSpec:
     width: int
     ndim: int
     dtype: torch.dtype
-    threshold: int
+    threshold: Tuple[int, int]  # (t_rows, t_cols), clamped to the plane (clamp_threshold)
     version: int
-    window: Tuple[int, int]  # scaled backbone channels [start, stop)
+    window: Tuple[int, int]  # the first scaled range [start, stop), the one the kernels apply; (0, 0) if none
     high_gain: float
     mask: Mask
     band: FrequencyBand
+    windows: Tuple[Tuple[int, int], ...] = ()  # every scaled range, sorted and merged; windows[0] == window
+
+    def __hash__(self) -> int:
+        # Hashed once, on first use: the op and the backends key their per-call caches on the spec.
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, name) for name in self.__dataclass_fields__))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    @property
+    def extra_windows(self) -> Tuple[Tuple[int, int], ...]:
+        """The scaled ranges after the first: the op writes them itself, one scaled write each."""
+        return self.windows[1:]
 
     @property
     def out_channels(self) -> int:
@@ -171,6 +268,9 @@ class FreeUSpec:
 def _check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; convert it with "
+                        ".to_dense()")
     if t.dim() not in (4, 5):
         raise ValueError(
             f"{name} must be 4-D (N, C, H, W) or 5-D (N, C, F, H, W), got shape {tuple(t.shape)}"
@@ -189,9 +289,26 @@ def _check_int(name: str, value, minimum: int = 0) -> int:
     return int(value)
 
 
+def _finite_float(name: str, value) -> float:
+    """A Python real number as a finite float; ValueError naming the argument for inf, NaN or overflow."""
+    try:
+        result = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got {value!r} (too large for a float)") from None
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be a finite number, got {result!r}")
+    return result
+
+
 def check_factor(name: str, value, device: torch.device) -> None:
-    """b and s: a Python real number or a 0-d real tensor on the CPU or on the inputs' device."""
+    """b and s: a finite Python real number or a 0-d real tensor on the CPU or on the inputs' device.
+
+    Tensor values are not inspected (reading one would synchronise with its device): a NaN or inf in a
+    tensor factor propagates into the output like any other arithmetic.
+    """
     if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense 0-d tensor, got layout {value.layout}")
         if value.dim() != 0:
             raise ValueError(f"{name} must be a Python float or a 0-d tensor, got shape {tuple(value.shape)}")
         if not value.dtype.is_floating_point and value.dtype not in (torch.int32, torch.int64):
@@ -201,18 +318,23 @@ def check_factor(name: str, value, device: torch.device) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a Python float or a 0-d tensor, got {type(value).__name__}")
+    _finite_float(name, value)
 
 
 def make_spec(
     x: torch.Tensor,
     h: torch.Tensor,
-    threshold: int = 1,
+    threshold: ThresholdArg = 1,
     version: int = 1,
-    backbone_channels: Optional[Sequence[int]] = None,
+    backbone_channels=None,
     high_gain: float = 1.0,
     mask: str = "box",
 ) -> FreeUSpec:
-    """Validate one call's arguments and describe it. Raises TypeError/ValueError naming the argument."""
+    """Validate one call's arguments and describe it. Raises TypeError/ValueError naming the argument.
+
+    ``threshold``: an int or a (t_rows, t_cols) pair (box only, unless equal). ``backbone_channels``:
+    see parse_backbone_channels.
+    """
     _check_tensor("x", x)
     _check_tensor("h", h)
     if h.dim() != x.dim():
@@ -227,29 +349,18 @@ def make_spec(
         raise TypeError(f"h must have the same dtype as x ({x.dtype}), got {h.dtype}")
     if h.device != x.device:
         raise ValueError(f"h must be on the same device as x ({x.device}), got {h.device}")
-    threshold = _check_int("threshold", threshold)
-    if isinstance(version, bool) or version not in (1, 2):
-        raise ValueError(f"version must be 1 or 2, got {version!r}")
-    cx = x.shape[1]
-    if backbone_channels is None:
-        window = (0, cx // 2)
-    else:
-        if isinstance(backbone_channels, (str, bytes)) or len(backbone_channels) != 2:
-            raise ValueError(f"backbone_channels must be a (start, stop) pair, got {backbone_channels!r}")
-        start = _check_int("backbone_channels[0]", backbone_channels[0])
-        stop = _check_int("backbone_channels[1]", backbone_channels[1])
-        if not start <= stop <= cx:
-            raise ValueError(
-                f"backbone_channels must satisfy 0 <= start <= stop <= Cx={cx}, got ({start}, {stop})"
-            )
-        window = (start, stop)
-    if isinstance(high_gain, bool) or not isinstance(high_gain, numbers.Real):
-        raise TypeError(f"high_gain must be a Python float, got {type(high_gain).__name__}")
+    if isinstance(version, bool) or not isinstance(version, numbers.Integral) or version not in (1, 2):
+        raise ValueError(f"version must be 1 or 2 (an int), got {version!r}")
     try:
         mask_kind = Mask(mask)
     except ValueError:
         raise ValueError(f"mask must be one of {[m.value for m in Mask]}, got {mask!r}") from None
     height, width = x.shape[-2], x.shape[-1]
+    thresholds = clamp_threshold(height, width, threshold, mask_kind)
+    cx = x.shape[1]
+    windows = parse_backbone_channels(backbone_channels, cx)
+    if isinstance(high_gain, bool) or not isinstance(high_gain, numbers.Real):
+        raise TypeError(f"high_gain must be a Python float, got {type(high_gain).__name__}")
     return FreeUSpec(
         batch=x.shape[0],
         backbone_channels_total=cx,
@@ -259,13 +370,57 @@ def make_spec(
         width=width,
         ndim=x.dim(),
         dtype=x.dtype,
-        threshold=threshold,
+        threshold=thresholds,
         version=int(version),
-        window=window,
-        high_gain=float(high_gain),
+        window=windows[0] if windows else (0, 0),
+        high_gain=_finite_float("high_gain", high_gain),
         mask=mask_kind,
-        band=frequency_band(height, width, threshold, mask_kind),
+        band=frequency_band(height, width, thresholds, mask_kind),
+        windows=windows,
     )
+
+
+def _plain_key(value):
+    """A cache key for an option value of a plain type (int, float, str, None, nested tuples/lists of ints),
+    tagged with its type so 2 and 2.0 differ; None for anything else (then the call is validated in full)."""
+    kind = type(value)
+    if value is None or kind is int or kind is str:
+        return (kind, value)
+    if kind is float:
+        return (kind, value) if math.isfinite(value) else None
+    if kind is tuple or kind is list:
+        inner = tuple(_plain_key(v) for v in value)
+        return None if any(k is None for k in inner) else (tuple, inner)
+    return None
+
+
+_SPEC_CACHE: dict = {}
+_SPEC_CACHE_LIMIT = 4096
+
+
+def cached_spec(x, h, threshold=1, version=1, backbone_channels=None, high_gain=1.0, mask="box") -> FreeUSpec:
+    """make_spec, memoised on everything it validates: both tensors' shape, dtype, device and layout, and
+    each option's value and type. Inputs of other kinds (tensor subclasses count as tensors; options of
+    other types) are validated in full every time, so the cache never lets a bad input through: a key is
+    stored only after make_spec accepted it.
+    """
+    if not (isinstance(x, torch.Tensor) and isinstance(h, torch.Tensor)):
+        return make_spec(x, h, threshold, version, backbone_channels, high_gain, mask)
+    options = (_plain_key(threshold), _plain_key(version), _plain_key(backbone_channels), _plain_key(high_gain),
+               _plain_key(mask))
+    if None in options:
+        return make_spec(x, h, threshold, version, backbone_channels, high_gain, mask)
+    key = (x.shape, x.dtype, x.device, x.layout, h.shape, h.dtype, h.device, h.layout, options)
+    try:
+        spec = _SPEC_CACHE.get(key)
+    except TypeError:  # symbolic sizes (a fake tensor under dynamic shapes) do not hash
+        return make_spec(x, h, threshold, version, backbone_channels, high_gain, mask)
+    if spec is None:
+        spec = make_spec(x, h, threshold, version, backbone_channels, high_gain, mask)
+        if len(_SPEC_CACHE) >= _SPEC_CACHE_LIMIT:
+            _SPEC_CACHE.clear()
+        _SPEC_CACHE[key] = spec
+    return spec
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -279,5 +434,8 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
 
 def allocate_output(x: torch.Tensor, skip_channels: int) -> torch.Tensor:
     """Uninitialised output of shape (N, Cx + Ch, ...) in x's dtype, device and memory format."""
-    shape = (x.shape[0], x.shape[1] + skip_channels) + tuple(x.shape[2:])
+    shape = list(x.shape)
+    shape[1] += skip_channels
+    if x.is_contiguous():  # the common case, without the memory-format keyword's parse (per-call cost)
+        return x.new_empty(shape)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))

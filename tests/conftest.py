@@ -72,6 +72,8 @@ SHAPE_FAMILIES = {
     "many_tiny": ((2, 24, 4, 4), 18, None),
     "chunked_80x40": ((1, 1, 80, 40), 1, None),
     "separable_24x40": ((1, 2, 24, 40), 3, None),  # past the torch backend's Kronecker size, Cx > 1
+    # channels_last planes too large for one Triton program's registers: the swept channels_last paths
+    "channels_last_chunked": ((1, 3, 40, 24), 10, "channels_last"),
 }
 
 

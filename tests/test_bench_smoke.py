@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from unittest import mock
@@ -14,9 +16,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import freeu_kernels  # noqa: E402
 from bench import OUTPUT_FILES, SuiteConfig, run_suite, write_outputs  # noqa: E402
+from bench.cli import main as bench_main  # noqa: E402
 from bench.cases import Case, CrossoverCase, decoder_concats, op_cases, parse_dtypes  # noqa: E402
-from bench.results import COLUMNS  # noqa: E402
+from bench.names import NOT_SUPPORTED, TRIVIAL_OP  # noqa: E402
+from bench.results import COLUMNS, ROWS_LOG, RowLog  # noqa: E402
 from bench.timing import TimingBudget  # noqa: E402
 from bench.unet_configs import MODELS, reduced_config, unet_inputs  # noqa: E402
 
@@ -35,13 +40,15 @@ def tiny_run(tmp_path_factory):
             Case((2, 64, 8, 8), (2, 32, 8, 8), torch.float32, ("tiny",)),
             Case((1, 32, 4, 8, 8), (1, 32, 4, 8, 8), torch.bfloat16, ("tiny-video",)),
         ],
-        crossover_cases=[CrossoverCase((1, 16, 16, 16), torch.float32, thresholds=(1, 9), title="tiny")],
+        # 48x48 at threshold 9: 18 frequencies per axis, past what the fused kernels hold.
+        crossover_cases=[CrossoverCase((1, 16, 48, 48), torch.float32, thresholds=(1, 9), title="tiny")],
         unet_models=("sd15",),
         unet_size="reduced",
         reduced_latent_size=16,
         op_budget=TINY,
         unet_budget=TINY,
         progress=None,
+        out=out,
     )
     result = run_suite(config)
     written = write_outputs(result, out)
@@ -52,9 +59,48 @@ def test_writes_every_file(tiny_run):
     _, out, written = tiny_run
     names = {path.name for path in written}
     assert set(OUTPUT_FILES) <= names
-    assert {"op_time.png", "op_gbps.png", "unet_overhead.png", "crossover.png"} <= names
+    assert {"op_time.png", "op_gbps.png", "op_memory.png", "unet_overhead.png", "crossover.png"} <= names
     for path in written:
         assert path.exists() and path.stat().st_size > 0
+
+
+def test_rows_log_holds_every_row_of_a_finished_run(tiny_run):
+    result, out, _ = tiny_run
+    logged = [json.loads(line) for line in (out / ROWS_LOG).read_text().splitlines()]
+    assert logged == json.loads(json.dumps(result.rows, default=str))  # derived columns included
+    assert "partial" not in json.loads((out / "results.json").read_text())["settings"]
+
+
+def test_sigterm_keeps_the_finished_cases(tmp_path, monkeypatch):
+    """SIGTERM after the first of two cases: results.jsonl holds that case (on disk before the signal),
+    report.md, results.json and results.csv are written from it and say so, and the exit status is 143."""
+    out = tmp_path / "out"
+    real_add = RowLog.add
+    seen_on_disk = []
+
+    def add_then_sigterm(log, section, rows):
+        real_add(log, section, rows)
+        seen_on_disk.append(len((out / ROWS_LOG).read_text().splitlines()))
+        os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` does; the CLI's handler raises at the next bytecode
+
+    monkeypatch.setattr(RowLog, "add", add_then_sigterm)
+    status = bench_main(["--device", "cpu", "--dtypes", "fp32", "--batches", "1,2", "--cases", "*1280+1280@8x8*",
+                         "--providers", "torch.cat,copy", "--no-unet", "--no-crossover", "--no-overhead",
+                         "--out", str(out)])
+    assert status == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI's handler is gone again
+    logged = [json.loads(line) for line in (out / ROWS_LOG).read_text().splitlines()]
+    assert seen_on_disk == [len(logged)] and {row["provider"] for row in logged} == {"torch.cat", "copy"}
+    assert {row["x_shape"] for row in logged} == {"(1,1280,8,8)"}
+    payload = json.loads((out / "results.json").read_text())
+    note = "interrupted after 1 case (SIGTERM): op 1 of 2"
+    assert payload["settings"]["partial"] == note
+    assert [row["median_us"] for row in payload["rows"]] == [row["median_us"] for row in logged]
+    with open(out / "results.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(logged)
+    report = (out / "report.md").read_text()
+    assert f"partial: {note}" in report and "plots skipped: the run was interrupted" in report
+    assert not list(out.glob("*.png"))
 
 
 def test_csv_and_json_have_the_long_format(tiny_run):
@@ -63,7 +109,8 @@ def test_csv_and_json_have_the_long_format(tiny_run):
         rows = list(csv.DictReader(handle))
     assert rows and list(rows[0]) == COLUMNS
     for column in ("median_us", "p20_us", "p80_us", "gbps", "pct_of_copy", "vs_torch_cat", "speedup_vs_diffusers",
-                   "device", "torch", "triton", "cuda", "date", "commit"):
+                   "vs_trivial_op", "peak_extra_bytes", "aten_ops", "default_backend", "device", "isa", "torch",
+                   "triton", "cuda", "date", "commit"):
         assert column in rows[0]
     payload = json.loads((out / "results.json").read_text())
     assert payload["columns"] == COLUMNS
@@ -85,6 +132,96 @@ def test_rows_are_measured_and_checked(tiny_run):
     unet = [r for r in result.rows if r["section"] == "unet" and r["median_us"] is not None]
     assert {"none", "diffusers"} <= {r["provider"] for r in unet}
     assert all("reduced" in r["case"] for r in unet)
+
+
+def test_memory_and_operator_counts(tiny_run):
+    """Counted, not timed: torch.cat holds exactly its output and issues one op; copy allocates nothing;
+    the fused CPU kernel holds its output alone; diffusers' path holds more than its output."""
+    result, _, _ = tiny_run
+    for row in (r for r in result.rows if r["section"] == "op" and r["median_us"] is not None):
+        output = row["bytes"] // 2
+        if row["provider"] == "torch.cat":
+            assert row["peak_extra_bytes"] == output and row["aten_ops"] == 1
+        elif row["provider"] == "copy":
+            assert row["peak_extra_bytes"] == 0
+        elif row["provider"] == "freeu_kernels[cpu]":
+            assert row["peak_extra_bytes"] == output
+        elif row["provider"] == "diffusers":
+            assert row["peak_extra_bytes"] > output
+    unet = [r for r in result.rows if r["section"] == "unet" and r["mode"] == "eager" and r["median_us"] is not None]
+    assert unet and all(r["peak_extra_bytes"] > 0 for r in unet)
+
+
+def test_default_backend_is_marked(tiny_run):
+    result, out, _ = tiny_run
+    op = [r for r in result.rows if r["section"] == "op"]
+    assert all(r["default_backend"] in freeu_kernels.available_backends("cpu") for r in op)
+    report = (out / "report.md").read_text()
+    assert "default backend (automatic choice)" in report and "(default)" in report
+
+
+def test_overhead_section_compares_with_a_trivial_custom_op(tiny_run):
+    result, out, _ = tiny_run
+    rows = {r["provider"]: r for r in result.rows if r["section"] == "overhead" and r["median_us"] is not None}
+    assert {"torch.cat", TRIVIAL_OP, "freeu_kernels[torch]"} <= set(rows)
+    assert rows[TRIVIAL_OP]["vs_trivial_op"] == 1.0
+    assert all(r["vs_trivial_op"] > 0 and r["aten_ops"] >= 1 for r in rows.values())
+    assert "## Per-call overhead" in (out / "report.md").read_text()
+
+
+def test_every_row_names_the_instruction_set(tiny_run):
+    result, out, _ = tiny_run
+    assert all(r["isa"] for r in result.rows)
+    assert "- instruction set: " in (out / "report.md").read_text()
+
+
+def test_crossover_labels_kernel_limits_as_not_supported(tiny_run):
+    result, out, _ = tiny_run
+    crossover = [r for r in result.rows if r["section"] == "crossover"]
+    assert not any((r["note"] or "").startswith("failed") for r in crossover)
+    report = (out / "report.md").read_text()
+    assert "lower it" not in report and "could rise" not in report  # facts, no developer advice
+    if "cpu" in freeu_kernels.available_backends("cpu"):
+        limited = [r for r in crossover if r["provider"] == "lowrank[cpu]" and r["threshold"] == 9]
+        assert limited and all(r["note"].startswith(NOT_SUPPORTED) and r["median_us"] is None for r in limited)
+        assert "failed" not in report.split("## Low-rank vs FFT crossover")[1].split("## Plots")[0]
+
+
+def test_outputs_survive_missing_matplotlib(tiny_run, tmp_path):
+    result, _, _ = tiny_run
+    with mock.patch.dict(sys.modules, {"matplotlib": None}):
+        written = write_outputs(result, tmp_path)
+    assert {path.name for path in written} == set(OUTPUT_FILES)
+    assert "plots skipped: matplotlib is not installed" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["rows"]
+
+
+def test_missing_diffusers_skips_the_unet_level_before_measuring():
+    config = SuiteConfig(device="cpu", cases=[], crossover=False, overhead=False, unet_models=("sd15",),
+                         unet_size="reduced", reduced_latent_size=16, op_budget=TINY, unet_budget=TINY, progress=None)
+    with mock.patch.dict(sys.modules, {"diffusers": None}):
+        result = run_suite(config)
+    assert result.rows == [] and result.settings["unet"].startswith("skipped: diffusers is not installed")
+
+
+def test_bench_modules_import_no_cycle():
+    """No bench module imports one that imports it back (shared names live in bench/names.py)."""
+    import ast
+
+    modules = {path.stem: path for path in (REPO_ROOT / "bench").glob("*.py")}
+    imports = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module.split(".")[0]} if node.module else {alias.name for alias in node.names}
+        imports[name] = found & set(modules)
+
+    def reaches(start, target, seen):
+        return any(dep == target or (dep not in seen and reaches(dep, target, seen | {dep}))
+                   for dep in imports[start])
+
+    assert [name for name in modules if reaches(name, name, {name})] == []
 
 
 def test_report_states_the_cpu_targets(tiny_run):
@@ -132,3 +269,5 @@ def test_case_lists_and_arguments():
         op_cases([torch.float32], (2,), ["sd3"])
     with pytest.raises(ValueError, match="h_shape"):
         Case((2, 4, 8, 8), (2, 4, 8, 9), torch.float32)
+    with pytest.raises(ValueError, match="unet_models"):  # before anything is measured
+        SuiteConfig(device="cpu", unet_models=("sd3",))

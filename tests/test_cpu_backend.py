@@ -17,6 +17,7 @@ import freeu_kernels
 from conftest import assert_matches_oracle, oracle
 from freeu_kernels import fused_concat
 from freeu_kernels.backends import cpu_backend
+from freeu_kernels.spec import make_spec
 
 needs_library = pytest.mark.skipif(cpu_backend.load_error() is not None,
                                    reason=f"CPU kernel library not built ({cpu_backend.load_error()})")
@@ -66,9 +67,13 @@ def test_unknown_isa_name_falls_back_to_the_widest(monkeypatch):
 
 
 @needs_library
+@pytest.mark.parametrize("pool", ["openmp", "threads"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_result_does_not_depend_on_thread_count(dtype):
-    """Each plane is computed by one thread, whole: 1, 2 or 3 threads give the same bits."""
+def test_result_does_not_depend_on_thread_count(monkeypatch, pool, dtype):
+    """Each plane is computed by one thread, whole: 1, 2 or 3 threads give the same bits, in torch's
+    OpenMP team (the default when torch's libgomp is loaded) or in threads of the kernel's own."""
+    if pool == "threads":
+        monkeypatch.setenv("FREEU_KERNELS_CPU_POOL", "threads")
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 7, 12, 20, generator=gen).to(dtype)
     h = torch.randn(2, 9, 12, 20, generator=gen).to(dtype)
@@ -162,15 +167,85 @@ def test_bfloat16_nan_stays_in_its_plane_on_the_word_path(monkeypatch, isa):
 @pytest.mark.parametrize("options", [{}, dict(version=2, mask="radial", high_gain=1.1), dict(threshold=2)],
                          ids=["v1", "v2_radial_high_gain", "threshold2_planar"])
 def test_channels_last_runs_across_channels(monkeypatch, isa, dtype, options):
-    """channels_last with 1 or 2 frequencies per axis runs across channels: blocks of 32 bfloat16 words
-    or 16 channels, with a narrower last block (40 skip channels); 37 backbone channels, window and v2
-    map per pixel. threshold=2 (4 per axis) takes the planar kernels on strided planes instead."""
+    """channels_last with 1 or 2 frequencies per axis runs across channels: blocks of two vectors of
+    bfloat16 words or one vector of channels (32/16 on v4, 16/8 on v3, 8/4 on the baseline), with a
+    narrower last block on every copy (43 skip channels); 37 backbone channels, window and v2 map per
+    pixel. threshold=2 (4 per axis) takes the planar kernels on strided planes instead."""
     use_isa(monkeypatch, isa)
     gen = torch.Generator().manual_seed(17)
     x = torch.randn(2, 37, 5, 9, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
-    h = (torch.randn(2, 40, 5, 9, generator=gen) + 1.0).to(dtype).contiguous(memory_format=torch.channels_last)
+    h = (torch.randn(2, 43, 5, 9, generator=gen) + 1.0).to(dtype).contiguous(memory_format=torch.channels_last)
     options = dict(options)
     threshold = options.pop("threshold", 1)
     out = fused_concat(x, h, 1.3, 0.4, threshold=threshold, backend="cpu", backbone_channels=(3, 30), **options)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert_matches_oracle(out, oracle(x, h, 1.3, 0.4, threshold, backbone_channels=(3, 30), **options), dtype)
+
+
+@needs_library
+def test_auto_takes_the_kernel_where_it_was_measured_ahead(monkeypatch):
+    """registry._cpu_kernel_wins: contiguous planes at least 16 wide or a multiple of 4 wide (the kernel
+    runs narrow rows on a copy whose vector divides them), channels_last at any width; other narrow
+    planes, and processors outside the measured x86-64 family, go to the torch backend."""
+    from freeu_kernels.backends import registry
+
+    def takes_kernel(width, channels_last=False):
+        plane = torch.randn(1, 2, 6, width)
+        return registry.suits("cpu", make_spec(plane, plane), channels_last)
+
+    for width in range(2, 34, 2):
+        assert takes_kernel(width) == (width >= 16 or width % 4 == 0), width
+        assert takes_kernel(width, channels_last=True)
+    monkeypatch.setattr(registry, "CPU_KERNEL_MEASURED_HERE", False)
+    assert not takes_kernel(32) and not takes_kernel(32, channels_last=True)
+    assert registry.suits("torch", make_spec(torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32)))
+
+
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width", [4, 8, 10, 12, 20])
+def test_narrow_rows_on_the_copy_chosen_for_them(monkeypatch, dtype, width):
+    """Unforced, rows narrower than 16 run the widest copy whose vector divides them (or the baseline)."""
+    monkeypatch.delenv(cpu_backend.ENV_ISA, raising=False)
+    gen = torch.Generator().manual_seed(19)
+    x = torch.randn(2, 3, 7, width, generator=gen).to(dtype)
+    h = (torch.randn(2, 5, 7, width, generator=gen) + 1.0).to(dtype)
+    for options in ({}, dict(version=2, high_gain=1.1)):
+        out = fused_concat(x, h, 1.3, 0.4, backend="cpu", **options)
+        assert_matches_oracle(out, oracle(x, h, 1.3, 0.4, 1, **options), dtype)
+
+
+def stack_references_per_copy(library) -> dict:
+    """Instructions that address the stack (%rsp), summed over each kernel copy's functions (objdump -d)."""
+    import re
+    import subprocess
+
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(library)], capture_output=True,
+                             text=True, check=True).stdout
+    counts, copy = {}, None
+    for line in listing.splitlines():
+        if line.endswith(">:"):  # a function's first line: which copy's namespace it is in
+            match = re.search(r"[< ](isa_[a-z0-9_]+)::", line)
+            copy = match.group(1) if match else None
+        elif copy is not None and "(%rsp)" in line:
+            counts[copy] = counts.get(copy, 0) + 1
+    return counts
+
+
+@needs_library
+def test_narrower_copies_keep_their_vectors_in_registers():
+    """Each copy's vectors are one register of its ISA. A vector wider than the registers (the AVX2 copy
+    once used AVX-512-sized ones) is lowered through the stack: 56633 stack references in the AVX2 copy
+    against 8847 in the AVX-512 one, and a kernel 3x to 11x slower; today about 9600 each."""
+    import platform
+    import shutil
+
+    if shutil.which("objdump") is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("needs objdump and an x86-64 build")
+    if os.environ.get(cpu_backend.ENV_LIBRARY):
+        pytest.skip(f"${cpu_backend.ENV_LIBRARY} names another build (e.g. tools/sanitize_cpu.sh's, not -O3)")
+    counts = stack_references_per_copy(cpu_backend.library_path())
+    if "isa_x86_64_v4" not in counts:
+        pytest.skip("a build without the x86-64-v4/v3 copies (not GCC)")
+    for narrower in ("isa_x86_64_v3", "isa_baseline"):
+        assert counts[narrower] <= 1.5 * counts["isa_x86_64_v4"], counts

@@ -12,6 +12,7 @@ Three layers, so CI without a GPU still executes the kernel's logic:
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -94,6 +95,18 @@ CASES = [
     ("strided", (2, 3, 8, 8), 3, torch.float32, "strided", {}),
     ("plane64_bf16", (1, 2, 64, 64), 2, torch.bfloat16, "contiguous", dict(threshold=1)),
     # H + W > 3072: twiddles from sincospif instead of shared tables; an axis > 65536: 64-bit residues.
+    # The register-tile filter (contiguous rows of 16-byte vectors, nx = ny <= 3): the centred bands of
+    # threshold 1 (box and radial) and an uncentred one; the flat g_hi copy of an empty band; the
+    # channels-last flat backbone with the v2 map.
+    ("tile_radial_t1", (1, 2, 16, 16), 3, torch.float32, "contiguous", dict(threshold=1, mask="radial")),
+    ("tile_uncentred", (1, 2, 4, 4), 3, torch.float32, "contiguous", dict(threshold=3)),
+    ("t0_flat_skip", (2, 4, 8, 8), 4, torch.float16, "contiguous", dict(threshold=0, high_gain=1.3)),
+    ("cl_v2_flat", (2, 16, 8, 8), 8, torch.float16, "channels_last", dict(version=2, backbone_channels=(4, 12))),
+    # The channels-last register tile: two channel groups (the second partial), planes spanning two warps
+    # (float32 32x32), 5-D.
+    ("cl_tile_groups", (2, 8, 16, 16), 40, torch.bfloat16, "channels_last", dict(threshold=2, mask="radial")),
+    ("cl_tile_f32_warps", (1, 4, 32, 32), 8, torch.float32, "channels_last", {}),
+    ("cl_tile_five_d", (1, 8, 2, 8, 8), 16, torch.float16, "channels_last", dict(version=2)),
     ("long_row_no_table", (1, 2, 1, 3100), 2, torch.float32, "contiguous", dict(threshold=2)),
     ("long_col_no_table", (1, 1, 3080, 3), 2, torch.float16, "contiguous", dict(threshold=2, mask="radial")),
     ("row_over_65536", (1, 1, 1, 70001), 1, torch.float32, "contiguous", dict(threshold=3)),
@@ -168,6 +181,43 @@ def test_emulated_kernel_matches_reference(emu, monkeypatch, name, xshape, ch, d
                              else torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format)
     assert not out.isnan().any(), "an output element was not written"
     assert_matches(out, ref, dtype)
+
+
+# The launch path each role of a case takes (freeu_plan, FREEU_PATH_* of csrc/freeu_fused_concat.h): every
+# path of the kernel is run by at least one case above.
+EXPECTED_PATHS = {
+    "tiny8x8": ("tile", "flat"),
+    "plane64_bf16": ("tile", "flat"),          # a plane spans 4 warps: the cross-warp moment sum
+    "high_gain_radial": ("tile", "flat"),      # 3 x 3 frequencies
+    "tile_radial_t1": ("tile", "flat"),        # 1 x 1, centred
+    "tile_uncentred": ("tile", "flat"),        # 1 x 1 at (1, 1)
+    "five_d_v2": ("tile", "flat"),             # 5-D planes, the planar v2 map
+    "t0_flat_skip": ("flat", "flat"),
+    "cl_v2_flat": ("tile", "flat"),
+    "cl_tile_groups": ("tile", "flat"),
+    "cl_tile_f32_warps": ("tile", "flat"),
+    "cl_tile_five_d": ("tile", "flat"),
+    "t0_high_gain": ("planes", "planes"),
+    "cl_scalar_f32": ("on_chip", "planes"),
+    "odd7x5_t2": ("on_chip", "planes"),
+    "long_col_no_table": ("two_sweep", "planes"),
+}
+
+
+def test_emulated_cases_cover_every_launch_path(emu):
+    from bench.codegen.cuda_target import PlanningLibrary
+
+    seen = {}
+    for name, xshape, ch, dtype, layout, options in CASES:
+        if name not in EXPECTED_PATHS:
+            continue
+        x, h, _, _ = make_case(xshape, ch, dtype, "cpu", layout=layout)
+        planning = PlanningLibrary(emu)
+        emu_run(planning, x, h, 1.3, 0.7, options)
+        paths = c_abi.PlanInfo.PATHS
+        seen[name] = (paths[planning.plan.skip_path], paths[planning.plan.backbone_path])
+    assert seen == EXPECTED_PATHS
+    assert {p for pair in seen.values() for p in pair} == set(c_abi.PlanInfo.PATHS.values()) - {"none"}
 
 
 @pytest.mark.slow
@@ -336,3 +386,76 @@ def test_gpu_kernel_registers_and_no_local_memory():
         regs, local, threads = ctypes.c_int32(), ctypes.c_int32(), ctypes.c_int32()
         assert lib.freeu_kernel_info(code, ctypes.byref(regs), ctypes.byref(local), ctypes.byref(threads)) == 0
         assert 0 < regs.value <= 128 and local.value == 0 and threads.value >= 256
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. the codegen report's trip counts of the generic filter (bench/codegen/cuda_target.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def _literal_filter_iterations(plan, H, W, g_eff, V, on_chip):
+    """The generic filter's loop bounds (csrc/freeu_fused_concat.cu, filter_variant) executed literally,
+    thread by thread, counting each loop's iterations: the reference for the target's closed forms."""
+    T = 256
+    count = {}
+
+    def hit(key, n=1):
+        count[key] = count.get(key, 0) + n
+
+    lr, lc, tile, nx, ny = plan.lanes_row, plan.lanes_col, plan.tile_rows, plan.nx, plan.ny
+    v_row = 1 if on_chip else V
+    for t in range(T):
+        hit("root")
+        hit("info", len(range(t, g_eff, T)))
+        if plan.use_tab:
+            hit("table_x", len(range(t, W, T)))
+            hit("table_y", len(range(t, H, T)))
+        hit("ri_init", len(range(t, g_eff * ny * nx, T)))
+        if on_chip:
+            hit("stage", len(range(t, g_eff * H * W // V, T * 4)))
+        sub_r, gid_r, groups_r = t % lr, t // lr, T // lr
+        sub_c, gid_c, groups_c = t % lc, t // lc, T // lc
+        for y_lo in range(0, H, tile):
+            rows = min(tile, H - y_lo)
+            hit("sweep1")
+            for _ in range(0, nx, 4):
+                hit("row_j0")
+                items = g_eff * rows
+                for it in range(-(-items // groups_r)):
+                    hit("row_it")
+                    for k in range(8):
+                        hit(f"row_shfl{k}", int(math.log2(lr)))
+                    if gid_r + it * groups_r < items:
+                        hit("row_x", len(range(sub_r * v_row, W, lr * v_row)))
+            items_c = g_eff * ny * nx
+            for it in range(-(-items_c // groups_c)):
+                hit("col_it")
+                for k in range(2):
+                    hit(f"col_shfl{k}", int(math.log2(lc)))
+                if gid_c + it * groups_c < items_c and sub_c < rows:
+                    hit("col_y", len(range(sub_c, rows, lc)))
+        for y_lo in range(0, H, tile):
+            rows = min(tile, H - y_lo)
+            hit("sweep2")
+            for _ in range(t, g_eff * rows * nx, T):
+                hit("upd_item")
+                hit("upd_i", ny)
+            for _ in range(t, g_eff * rows * W // V, T):
+                hit("write_v")
+                hit("write_j", nx)
+    return count
+
+
+@pytest.mark.parametrize("H,W,g_eff,V,on_chip,tile,lanes,use_tab",
+                         [(7, 5, 3, 1, True, 7, (2, 2), 1), (130, 138, 1, 4, False, 128, (8, 32), 1),
+                          (64, 64, 1, 8, True, 64, (16, 16), 0)],
+                         ids=["odd_on_chip", "two_tiles", "no_table"])
+def test_codegen_filter_trip_counts_match_the_loops(H, W, g_eff, V, on_chip, tile, lanes, use_tab):
+    from types import SimpleNamespace
+
+    from bench.codegen.cuda_target import _filter_iterations
+
+    plan = SimpleNamespace(nx=5, ny=3, lanes_row=lanes[0], lanes_col=lanes[1], tile_rows=tile, use_tab=use_tab)
+    closed = {key: value for key, value in _filter_iterations(plan, H, W, g_eff, V, on_chip).items() if value}
+    literal = {key: value for key, value in _literal_filter_iterations(plan, H, W, g_eff, V, on_chip).items() if value}
+    assert closed == literal

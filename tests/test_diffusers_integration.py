@@ -1,4 +1,4 @@
-"""The diffusers integration: tiny random U-Nets of every supported family, on CPU.
+"""The diffusers integration: tiny random U-Nets of every supported family (ControlNet-XS included), on CPU.
 
 Oracles:
 - placement="diffusers", version 1, non-zero factors: diffusers' own ``unet.enable_freeu``.
@@ -10,6 +10,7 @@ Oracles:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Callable, Dict
@@ -19,12 +20,13 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from diffusers.models.controlnets import controlnet_xs  # noqa: E402
 from diffusers.models.unets import unet_2d_blocks, unet_3d_blocks, unet_motion_model  # noqa: E402
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
 import freeu_kernels  # noqa: E402
 from freeu_kernels import FreeUSchedule, disable_freeu, enable_freeu, freeu, fused_concat_reference  # noqa: E402
-from freeu_kernels.presets import PRESETS, get_preset  # noqa: E402
+from freeu_kernels.integrations.presets import PRESETS, get_preset  # noqa: E402
 
 SD15 = dict(b1=1.5, b2=1.6, s1=0.9, s2=0.2)
 # Tiny models, but float32 through a dozen layers: FFT (reference) and low-rank (op) filters differ by rounding.
@@ -116,8 +118,28 @@ def _i2vgen() -> TinyUNet:
     return TinyUNet(unet, inputs)
 
 
+def _controlnet_xs() -> TinyUNet:
+    # ControlNet-XS joins a base U-Net and a control adapter; its up blocks need two layers per block.
+    base = diffusers.UNet2DConditionModel(
+        sample_size=16, block_out_channels=(8, 16, 32), layers_per_block=2, norm_num_groups=4,
+        cross_attention_dim=16, attention_head_dim=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    adapter = diffusers.ControlNetXSAdapter.from_unet(
+        base, size_ratio=0.5, learn_time_embedding=True, conditioning_embedding_out_channels=(4,))
+    unet = diffusers.UNetControlNetXSModel.from_unet(base, adapter)
+    for name, parameter in unet.named_parameters():
+        if "to_base" in name:  # zero-initialised connections: make the control branch reach the decoder
+            torch.nn.init.normal_(parameter, std=0.1)
+    inputs = dict(sample=torch.randn(1, 4, 16, 16), encoder_hidden_states=_text(1),
+                  controlnet_cond=torch.randn(1, 3, 16, 16))
+    return TinyUNet(unet, inputs)
+
+
 BUILDERS: Dict[str, Callable[[], TinyUNet]] = {
     "sd": _sd, "sdxl": _sdxl, "unet3d": _unet3d, "motion": _motion, "i2vgen": _i2vgen,
+    "controlnet_xs": _controlnet_xs,
 }
 _BUILT: Dict[str, TinyUNet] = {}
 
@@ -156,15 +178,39 @@ def sd() -> TinyUNet:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def run_with_concat_rewrite(model: TinyUNet, rewrite: Callable, timestep=500):
+    """Run diffusers' own forwards with its ``apply_freeu`` replaced by ``rewrite(resolution_idx, hidden, skip)``.
+
+    diffusers' up blocks call ``apply_freeu`` right before each skip concat (when FreeU is on) and concat
+    what it returns: the rewrite sees every up-block concat, the hook every peer's FreeU patches.
+    """
+    modules = (unet_2d_blocks, unet_3d_blocks, unet_motion_model, controlnet_xs)
+    originals = [module.apply_freeu for module in modules]
+
+    def rewritten_apply_freeu(resolution_idx, hidden, skip, **_ignored):
+        return rewrite(resolution_idx, hidden, skip)
+
+    # Truthy placeholders: diffusers only calls apply_freeu when all four attributes are truthy.
+    model.unet.enable_freeu(s1=1.0, s2=1.0, b1=1.0, b2=1.0)
+    try:
+        for module in modules:
+            module.apply_freeu = rewritten_apply_freeu
+        return model(timestep)
+    finally:
+        for module, original in zip(modules, originals):
+            module.apply_freeu = original
+        model.unet.disable_freeu()
+
+
 def run_with_reference_rule(model: TinyUNet, rule: str, version: int, factors: Dict[str, float], timestep=500):
-    """Run diffusers' own forwards with its ``apply_freeu`` replaced by the reference under ``rule``.
+    """diffusers' own forwards with ``fused_concat_reference`` at the concats ``rule`` selects.
 
     rule "official": stage from the backbone's channel count (4 mc -> 1, 2 mc -> 2) at every concat;
     rule "diffusers": stage from the block's resolution_idx (0 -> 1, 1 -> 2).
     """
     model_channels = model.unet.config.block_out_channels[0]
 
-    def reference_apply_freeu(resolution_idx, hidden, skip, **_ignored):
+    def reference(resolution_idx, hidden, skip):
         if rule == "official":
             stage = {4 * model_channels: 1, 2 * model_channels: 2}.get(hidden.shape[1])
         else:
@@ -174,18 +220,7 @@ def run_with_reference_rule(model: TinyUNet, rule: str, version: int, factors: D
         both = fused_concat_reference(hidden, skip, factors[f"b{stage}"], factors[f"s{stage}"], 1, version=version)
         return both[:, : hidden.shape[1]], both[:, hidden.shape[1]:]
 
-    modules = (unet_2d_blocks, unet_3d_blocks, unet_motion_model)
-    originals = [module.apply_freeu for module in modules]
-    # Truthy placeholders: diffusers only calls apply_freeu when all four attributes are truthy.
-    model.unet.enable_freeu(s1=1.0, s2=1.0, b1=1.0, b2=1.0)
-    try:
-        for module in modules:
-            module.apply_freeu = reference_apply_freeu
-        return model(timestep)
-    finally:
-        for module, original in zip(modules, originals):
-            module.apply_freeu = original
-        model.unet.disable_freeu()
+    return run_with_concat_rewrite(model, reference, timestep)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,15 +288,15 @@ def test_disable_restores_bit_identical_outputs(tiny):
 
 def test_each_affected_concat_is_one_fused_op(sd, monkeypatch):
     calls = []
-    from freeu_kernels import diffusers_integration
+    from freeu_kernels.integrations import stages
 
-    real = diffusers_integration.fused_concat
+    real = stages.fused_concat
 
     def counting_fused_concat(x, h, *args, **kwargs):
         calls.append(x.shape[1])
         return real(x, h, *args, **kwargs)
 
-    monkeypatch.setattr(diffusers_integration, "fused_concat", counting_fused_concat)
+    monkeypatch.setattr(stages, "fused_concat", counting_fused_concat)
     enable_freeu(sd.unet, **SD15)
     sd()
     # diffusers placement: up blocks 0 and 1 (two concats each, layers_per_block + 1), backbone 64 channels.
@@ -295,9 +330,9 @@ def test_context_manager_enables_then_restores(sd):
 def test_enabling_again_updates_factors_in_place(sd):
     enable_freeu(sd.unet, **SD15)
     state = sd.unet._freeu_kernels_state
-    b1 = state.factors["b1"]
+    b1 = state.factor_tensors[0][0]
     enable_freeu(sd.unet, b1=1.1, b2=1.2, s1=0.5, s2=0.5)
-    assert sd.unet._freeu_kernels_state is state and state.factors["b1"] is b1
+    assert sd.unet._freeu_kernels_state is state and state.factor_tensors[0][0] is b1
     assert float(b1) == pytest.approx(1.1)
     enable_freeu(sd.unet, **SD15, version=2)
     assert sd.unet._freeu_kernels_state is not state, "new options re-install"
@@ -356,7 +391,7 @@ def test_schedule_validation(sd):
 
 
 def test_progress_from_a_timestep_table():
-    from freeu_kernels.diffusers_integration import denoising_progress
+    from freeu_kernels.integrations.stages import denoising_progress
 
     table = torch.tensor([999, 749, 499, 249])
     assert [float(denoising_progress(t, table)) for t in table] == [0.0, 0.25, 0.5, 0.75]
@@ -413,7 +448,7 @@ def test_presets_hold_the_published_factors():
     assert get_preset("SDXL").as_kwargs() == dict(b1=1.3, b2=1.4, s1=0.9, s2=0.2)
     for video in ("zeroscope", "modelscope"):
         assert get_preset(video).as_kwargs() == dict(b1=1.2, b2=1.4, s1=0.9, s2=0.2)
-    assert set(PRESETS) == {"sd14", "sd15", "sd21", "sdxl", "zeroscope", "modelscope"}
+    assert set(PRESETS) == {"sd14", "sd15", "sd21", "sdxl", "zeroscope", "modelscope", "webui", "forge"}
     assert freeu_kernels.PRESETS is PRESETS
     with pytest.raises(ValueError, match="name"):
         get_preset("sd3")
@@ -450,6 +485,104 @@ def test_argument_errors(sd):
     with pytest.raises(TypeError, match="b1"):
         enable_freeu(sd.unet, b1="1.5", b2=1.6, s1=0.9, s2=0.2)
     assert not hasattr(sd.unet, "_freeu_kernels_state"), "a rejected call must leave the model untouched"
+
+
+def test_factors_are_keyword_only_and_the_error_shows_the_keyword_forms(sd):
+    # diffusers' pipe.enable_freeu(s1, s2, b1, b2) ported positionally would swap the factors: refused.
+    with pytest.raises(TypeError, match=r"keyword only") as error:
+        enable_freeu(sd.unet, 0.9, 0.2, 1.2, 1.4)
+    message = str(error.value)
+    assert "enable_freeu(model, s1=0.9, s2=0.2, b1=1.2, b2=1.4)" in message
+    assert "enable_freeu(model, b1=0.9, b2=0.2, s1=1.2, s2=1.4)" in message
+    with pytest.raises(TypeError, match=r"keyword only"):
+        enable_freeu(sd.unet, 1.5)
+    assert not hasattr(sd.unet, "_freeu_kernels_state")
+
+
+def test_preset_errors_name_the_argument(sd):
+    with pytest.raises(ValueError, match=r"^preset must be one of .*'webui'.*got 'sd3'"):
+        enable_freeu(sd.unet, preset="sd3")
+    with pytest.raises(TypeError, match=r"^preset must be a str"):
+        enable_freeu(sd.unet, preset=15)
+
+
+def test_backend_is_checked_against_the_models_device(sd):
+    with pytest.raises(ValueError, match=r"backend='cuda' cannot run .*the model is on cpu"):
+        enable_freeu(sd.unet, **SD15, backend="cuda")
+    assert not hasattr(sd.unet, "_freeu_kernels_state")
+
+
+@pytest.mark.skipif("cpu" not in freeu_kernels.available_backends("cpu"), reason="CPU kernel library not built")
+def test_backend_is_checked_again_after_the_model_moved():
+    model = _sd()
+    enable_freeu(model.unet, **SD15, backend="cpu")
+    model.unet.to("meta")  # a device the cpu backend cannot run on (and that needs no accelerator)
+    inputs = {name: value.to("meta") for name, value in model.inputs.items()}
+    with pytest.raises(ValueError, match=r"backend='cpu' cannot run .*now runs on meta \(it moved"):
+        model.unet(timestep=torch.tensor(500), **inputs)
+
+
+def test_stage_argument_errors(sd):
+    stage = freeu_kernels.FreeUStage(1.2, 0.9)
+    with pytest.raises(ValueError, match="placement"):
+        enable_freeu(sd.unet, stages={64: stage}, placement="diffusers")
+    with pytest.raises(TypeError, match="stages= or the factors"):
+        enable_freeu(sd.unet, stages={64: stage}, b1=1.2)
+    with pytest.raises(ValueError, match="stages keys"):
+        enable_freeu(sd.unet, stages={"4x": stage})
+    with pytest.raises(ValueError, match="cutoff"):
+        enable_freeu(sd.unet, stages={64: dict(backbone_factor=1.2, skip_factor=0.9, cutoff=0.5)}, mask="radial")
+    with pytest.raises(ValueError, match="threshold"):
+        enable_freeu(sd.unet, **SD15, threshold=(2, 1), mask="radial")
+    with pytest.raises(TypeError, match="channels"):
+        freeu_kernels.FreeUStage(1.2, 0.9, channels="first half")
+    with pytest.raises(ValueError, match="backbone_factor"):
+        freeu_kernels.FreeUStage(float("nan"), 0.9)
+    assert not hasattr(sd.unet, "_freeu_kernels_state")
+
+
+def test_presets_of_peers_set_their_version_placement_and_rule(sd):
+    enable_freeu(sd.unet, preset="forge", schedule=(0.25, 1.0))
+    state = sd.unet._freeu_kernels_state
+    assert state.options.placement == "official" and {stage.version for stage in state.stages} == {2}
+    assert state.schedule.rule == "forge"
+    enable_freeu(sd.unet, preset="webui", b1=1.3)  # b1 names the stage at 4x the model channels
+    state = sd.unet._freeu_kernels_state
+    assert state.options.stage_channels == (64, 32, 16) and state.stages[0].backbone_factor == 1.3
+    enable_freeu(sd.unet, preset="webui", version=1)  # explicit arguments override the preset
+    assert {stage.version for stage in sd.unet._freeu_kernels_state.stages} == {1}
+
+
+def test_compiled_stages_with_a_smooth_schedule_do_not_recompile(sd, fresh_dynamo):
+    model_channels = sd.unet.config.block_out_channels[0]
+    stages = {
+        4 * model_channels: freeu_kernels.FreeUStage(
+            1.3, 0.7, channels=freeu_kernels.ChannelWindow(0.8, 0.5), cutoff=0.6, high_gain=1.2),
+        2 * model_channels: freeu_kernels.FreeUStage(1.1, 0.4, channels=[(0, 3), (20, 32)], threshold=(2, 1)),
+        model_channels: freeu_kernels.FreeUStage(0.9, 1.1, version=1),
+    }
+    schedule = FreeUSchedule(0.2, 0.7, rule="webui", smoothness=0.5)
+    # New factors, a new window and smoothness, a new step: none of them recompiles.
+    settings = [((0.2, 0.7, 0.5), 1.3, 850), ((0.0, 0.8, 0.0), 1.5, 400)]
+
+    def configure(window, b):
+        schedule.set(*window)
+        stages[4 * model_channels] = dataclasses.replace(stages[4 * model_channels], backbone_factor=b)
+        enable_freeu(sd.unet, stages=stages, version=2, schedule=schedule)
+
+    eager = []
+    for window, b, timestep in settings:
+        configure(window, b)
+        eager.append(sd(timestep))
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(sd.unet, backend=counter, fullgraph=True)
+    for index, (window, b, timestep) in enumerate(settings):
+        configure(window, b)
+        with torch.no_grad():
+            out = compiled(timestep=torch.tensor(timestep), **sd.inputs).sample
+        torch.testing.assert_close(out, eager[index], rtol=1e-5, atol=1e-6)
+        frames = counter.frame_count if index == 0 else frames
+    assert counter.frame_count == frames, "changing factors or the schedule recompiled"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -497,9 +630,10 @@ def pipe(tmp_path_factory):
     return tiny_pipeline(tmp_path_factory.mktemp("tokenizer"))
 
 
-def generate(pipeline, **kwargs):
+def generate(pipeline, num_inference_steps=2, **kwargs):
     return pipeline(
-        "a cat", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0),
+        "a cat", num_inference_steps=num_inference_steps, height=32, width=32,
+        generator=torch.Generator().manual_seed(0),
         output_type="latent", **kwargs,
     ).images
 

@@ -33,6 +33,24 @@ H = torch.randn(2, 3, 6, 6)
         (dict(mask="gaussian"), ValueError, "mask must be one of"),
         (dict(backend="tpu"), ValueError, "backend must be one of"),
         (dict(high_gain="1"), TypeError, "high_gain"),
+        # issue 13 item 6 and issue 14: each was a RuntimeError, a bare OverflowError or accepted
+        (dict(version=2.0), ValueError, "version must be 1 or 2"),
+        (dict(b=1e400), ValueError, "b must be a finite number"),
+        (dict(s=10**400), ValueError, "s must be a finite number"),
+        (dict(b=float("nan")), ValueError, "b must be a finite number"),
+        (dict(s=float("-inf")), ValueError, "s must be a finite number"),
+        (dict(high_gain=1e400), ValueError, "high_gain must be a finite number"),
+        (dict(high_gain=float("nan")), ValueError, "high_gain must be a finite number"),
+        (dict(backbone_channels=iter([0, 2])), TypeError, "backbone_channels must be a .start, stop. pair"),
+        (dict(backbone_channels=[(0, 1), (2, 9)]), ValueError, r"backbone_channels\[1\]"),
+        (dict(backbone_channels=[(0, 1), 2]), ValueError, r"backbone_channels\[1\]"),
+        (dict(backbone_channels=(0, 1, 2)), ValueError, "backbone_channels"),
+        (dict(threshold=(1, 2, 3)), ValueError, "threshold must be an int or a"),
+        (dict(threshold=(1, -2)), ValueError, r"threshold\[1\] must be >= 0"),
+        (dict(threshold=(1, 2), mask="radial"), ValueError, "threshold: the radial mask takes one radius"),
+        (dict(x=X.to_sparse(), h=H.to_sparse()), TypeError, "x must be a dense"),
+        (dict(h=H.to_sparse()), TypeError, "h must be a dense"),
+        (dict(b=torch.tensor(1.0).to_sparse()), TypeError, "b must be a dense"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, error, match):
@@ -41,6 +59,33 @@ def test_bad_input_names_the_argument(kwargs, error, match):
     x, h, b, s = args.pop("x"), args.pop("h"), args.pop("b"), args.pop("s")
     with pytest.raises(error, match=match):
         fused_concat(x, h, b, s, **args)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no mkldnn in this torch build")
+def test_mkldnn_tensors_are_a_clear_error():
+    with pytest.raises(TypeError, match="x must be a dense"):
+        fused_concat(X.to_mkldnn(), H.to_mkldnn(), 1.2, 0.5)
+
+
+def test_cache_never_lets_a_bad_call_through():
+    """After a good call is memoised, the same shapes with a bad option of an equal value still raise."""
+    fused_concat(X, H, 1.2, 0.5, version=2, threshold=1, high_gain=1.0)
+    for kwargs, error in [(dict(version=2.0), ValueError), (dict(threshold=True), TypeError),
+                          (dict(high_gain=float("inf")), ValueError), (dict(threshold=1.0), TypeError)]:
+        args = dict(version=2, threshold=1, high_gain=1.0)
+        args.update(kwargs)
+        with pytest.raises(error):
+            fused_concat(X, H, 1.2, 0.5, **args)
+    with pytest.raises(TypeError, match="same dtype"):
+        fused_concat(X, H.double(), 1.2, 0.5, version=2)
+    with pytest.raises(ValueError, match="b must be a finite"):
+        fused_concat(X, H, float("inf"), 0.5, version=2)
+
+
+def test_huge_threshold_through_the_op_schema_is_clamped_by_the_wrapper():
+    """2**63 does not fit the schema's int64; fused_concat clamps it to the plane first (same result)."""
+    out = fused_concat(X, H, 1.2, 0.5, threshold=2**63, backend="torch")
+    torch.testing.assert_close(out, fused_concat(X, H, 1.2, 0.5, threshold=9, backend="torch"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

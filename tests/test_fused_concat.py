@@ -144,10 +144,11 @@ def test_available_backends_on_cpu_lead_with_the_fused_kernel_when_built():
 
 
 def test_auto_on_cpu_sends_narrow_planes_to_the_torch_backend():
-    """The CPU kernel's 16-lane strips lose to the torch backend on planes narrower than 16 (bench)."""
+    """The CPU kernel loses to the torch backend on planes narrower than 16 that are not a whole number of
+    its vectors (registry._cpu_kernel_wins; width 10 is that for every kernel copy)."""
     if "cpu" not in freeu_kernels.available_backends("cpu"):
         pytest.skip("CPU kernel library not built")
-    narrow, wide = torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 16)
+    narrow, wide = torch.randn(1, 2, 8, 10), torch.randn(1, 2, 8, 16)
     assert freeu_kernels.resolve_backend("auto", torch.device("cpu"), make_spec(narrow, narrow)).value == "torch"
     assert freeu_kernels.resolve_backend("auto", torch.device("cpu"), make_spec(wide, wide)).value == "cpu"
     # channels_last runs across channels, where narrow planes cost the kernel nothing extra
@@ -162,3 +163,44 @@ def test_auto_passes_over_fused_kernels_for_float64():
     assert freeu_kernels.resolve_backend("auto", torch.device("cpu"), spec).value == "torch"
     out = fused_concat(x, x, 1.2, 0.5)
     assert out.dtype == torch.float64
+
+
+# Issue 12: the A1111 extension's rectangular cutoff box (a per-axis threshold pair) and its wrapped
+# channel region (several backbone ranges), on non-square planes, against the reference.
+PAIR_THRESHOLDS = [(1, 2), (2, 0), (0, 3), (3, 1), (1, 9)]
+RANGE_CASES = {
+    "wrapped": lambda cx: [(cx - 1, cx), (0, 1)],
+    "overlapping": lambda cx: [(0, cx // 2 + 1), (cx // 2, cx)],
+    "one_of_many_empty": lambda cx: [(1, 1), (0, cx - 1)],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["odd7x5", "nonpow2_12x20", "channels_last", "5d", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_axis_threshold_and_channel_ranges_match_oracle(backend, family, dtype, poisoned_outputs):
+    x, h = make_inputs(family, dtype, seed=9)
+    cx = x.shape[1]
+    for i, threshold in enumerate(PAIR_THRESHOLDS):
+        ranges = list(RANGE_CASES.values())[i % len(RANGE_CASES)](cx)
+        for version in (1, 2):
+            options = dict(threshold=threshold, backbone_channels=ranges, version=version, high_gain=1.1)
+            out = fused_concat(x, h, 1.3, 0.4, backend=backend, **options)
+            ref = oracle(x, h, 1.3, 0.4, **options)
+            assert_matches_oracle(out, ref, dtype)
+    # An equal pair is the int threshold, bit for bit; a radial equal pair is the radial int.
+    for mask in ("box", "radial"):
+        assert torch.equal(fused_concat(x, h, 1.3, 0.4, threshold=(2, 2), mask=mask, backend=backend),
+                           fused_concat(x, h, 1.3, 0.4, threshold=2, mask=mask, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_several_ranges_through_the_op_schema(backend):
+    """torch.ops.freeu.fused_concat takes the flat pair list and threshold_cols (ops.py documents it)."""
+    x, h = make_inputs("odd7x5", torch.float32, seed=2)
+    b, s = torch.tensor(1.5), torch.tensor(0.2)
+    direct = torch.ops.freeu.fused_concat(x, h, b, s, threshold=1, threshold_cols=2, backbone_channels=[2, 3, 0, 1],
+                                          backend=backend)
+    wrapped = fused_concat(x, h, b, s, threshold=(1, 2), backbone_channels=[(2, 3), (0, 1)], backend=backend)
+    assert torch.equal(direct, wrapped)
+    assert_matches_oracle(direct, oracle(x, h, 1.5, 0.2, (1, 2), backbone_channels=[(0, 1), (2, 3)]), torch.float32)

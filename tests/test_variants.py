@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import BACKENDS, DEVICE, assert_matches_oracle, make_inputs, oracle
-from freeu_kernels import fused_concat, structure_map
+from freeu_kernels import fused_concat, fused_concat_reference, structure_map
 from freeu_kernels.spec import MAX_LOWRANK_FREQUENCIES_PER_AXIS, frequency_band, make_spec, Mask
 
 VARIANTS = {
@@ -96,3 +96,49 @@ def test_radial_band_counts_the_disc():
     assert int(band.weight_table().sum()) == sum(
         1 for dy in range(-2, 3) for dx in range(-2, 3) if dy * dy + dx * dx < 9
     )
+
+
+def _direct_restatement(x, h, b, s, t_rows, t_cols, ranges, high_gain):
+    """Issue 12's semantics stated directly: each channel in any range scaled by b; the skip filtered with
+    the gains ``high_gain`` except s on the slice [H//2 - t_rows : H//2 + t_rows, W//2 - t_cols : W//2 + t_cols]
+    of the shifted spectrum."""
+    scaled = {c for start, stop in ranges for c in range(start, stop)}
+    backbone = torch.stack([x[:, c] * b if c in scaled else x[:, c] for c in range(x.shape[1])], dim=1)
+    height, width = h.shape[-2:]
+    spectrum = torch.fft.fftshift(torch.fft.fft2(h), dim=(-2, -1))
+    gains = torch.full((height, width), high_gain, dtype=torch.float64)
+    gains[height // 2 - t_rows : height // 2 + t_rows, width // 2 - t_cols : width // 2 + t_cols] = s
+    skip = torch.fft.ifft2(torch.fft.ifftshift(spectrum * gains, dim=(-2, -1))).real
+    return torch.cat([backbone, skip], dim=1)
+
+
+def test_reference_per_axis_box_and_ranges_restate_the_semantics():
+    """The reference's per-axis box and channel ranges equal the direct statement (not spec's band)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 7, 10, generator=gen, dtype=torch.float64)
+    h = torch.randn(2, 3, 7, 10, generator=gen, dtype=torch.float64)
+    for t_rows, t_cols in [(1, 2), (3, 0), (0, 4), (2, 5), (5, 7), (9, 1)]:
+        for ranges in ([(4, 5), (0, 2)], [(0, 3), (2, 5)], [(1, 4)], [(2, 2), (3, 4)]):
+            ref = fused_concat_reference(x, h, 1.3, 0.4, (t_rows, t_cols), backbone_channels=ranges, high_gain=1.2)
+            direct = _direct_restatement(x, h, 1.3, 0.4, t_rows, t_cols, ranges, 1.2)
+            torch.testing.assert_close(ref, direct, rtol=1e-12, atol=1e-12)
+
+
+def test_per_axis_band_is_the_slices_of_each_axis():
+    for height, width in ((7, 10), (8, 5), (1, 6)):
+        for t_rows in range(0, 12):
+            for t_cols in range(0, 12):
+                band = frequency_band(height, width, (t_rows, t_cols), Mask.BOX)
+                rows = range(height)[height // 2 - t_rows : height // 2 + t_rows]
+                cols = range(width)[width // 2 - t_cols : width // 2 + t_cols]
+                assert (band.ny, band.nx) == (len(rows), len(cols))
+                if len(rows) and len(cols):
+                    assert (band.ky0, band.kx0) == (rows.start - height // 2, cols.start - width // 2)
+
+
+def test_ranges_merge_and_the_first_is_the_kernels_window():
+    x = torch.randn(1, 8, 4, 4)
+    spec = make_spec(x, x, backbone_channels=[(6, 8), (0, 2), (1, 3), (3, 3)])
+    assert spec.windows == ((0, 3), (6, 8)) and spec.window == (0, 3) and spec.extra_windows == ((6, 8),)
+    assert make_spec(x, x, backbone_channels=[]).windows == ()
+    assert make_spec(x, x, backbone_channels=(2, 5)).windows == ((2, 5),)

@@ -67,6 +67,9 @@ struct float2 {
     float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
 
 inline void sincospif(float x, float* s, float* c) {
     const double a = 3.14159265358979323846 * static_cast<double>(x);
@@ -74,6 +77,9 @@ inline void sincospif(float x, float* s, float* c) {
     *c = static_cast<float>(std::cos(a));
 }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline unsigned int __umulhi(unsigned int a, unsigned int b) {
+    return static_cast<unsigned int>((static_cast<uint64_t>(a) * b) >> 32);
+}
 using std::fmaf;
 
 template <class A, class B> inline auto min(A a, B b) { return a < b ? a : b; }

@@ -9,12 +9,17 @@ copy (bench/results/cpu/report.md has both side by side).
 
 The library, ``freeu_kernels/_lib/libfreeu_kernels_cpu.so``, is built by setup.py with the system C++
 compiler (g++ or clang++, C++17 with _Float16); $FREEU_KERNELS_CPU_LIB points at another build. Threads:
-``torch.get_num_threads()``, so ``torch.set_num_threads`` governs this backend like PyTorch's own CPU ops.
+``torch.get_num_threads()``, so ``torch.set_num_threads`` governs this backend like PyTorch's own CPU ops;
+the work runs in torch's own OpenMP team when its runtime is loaded (no second pool competing with
+torch's spinning threads for the cores), else in threads the kernel starts per call
+($FREEU_KERNELS_CPU_POOL=threads forces those).
 Planes whose rows are contiguous take the vectorised column-strip path. channels_last inputs (planes
-strided by the channel count) are vectorised across channels instead, blocks of 16 channels (32 for
-bfloat16) per work item, for bands of 1 or 2 frequencies per axis; other bands and stride patterns go
-through the kernel's row path, correctly, more slowly. Contiguous planes narrower than 16 columns fill
-only part of the kernel's vectors: the automatic choice sends them to the torch backend (registry.py).
+strided by the channel count) are vectorised across channels instead, blocks of one vector of channels
+(two for bfloat16) per work item, for bands of 1 or 2 frequencies per axis; other bands and stride
+patterns go through the kernel's row path, correctly, more slowly. Contiguous rows narrower than 16
+columns run the widest copy whose vector divides them (8: AVX2, 4 and 12: the baseline); the automatic
+choice sends narrow widths that no vector divides to the torch backend (registry.py, with the
+measurements).
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from .c_abi import KernelLibrary, launch
 __all__ = ["ENV_ISA", "ENV_LIBRARY", "LIBRARY_NAME", "fused_concat_cpu", "isa", "library_path", "load_error"]
 
 ENV_LIBRARY = "FREEU_KERNELS_CPU_LIB"  # path of the shared library, overriding the packaged one
-# The library carries the kernels compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and the baseline and
-# runs the widest the processor has; this variable names a narrower one (the tests run each).
+# The library carries the kernels compiled for x86-64-v4 (AVX-512, 16 float lanes per vector), x86-64-v3
+# (AVX2, 8) and the baseline (SSE2 on x86-64, 4; the only copy elsewhere) and runs the widest the
+# processor has (contiguous rows narrower than 16: the widest whose vector divides them); this variable
+# names one copy for every call (the tests run each).
 ENV_ISA = "FREEU_KERNELS_CPU_ISA"
 LIBRARY_NAME = "libfreeu_kernels_cpu.so"
 

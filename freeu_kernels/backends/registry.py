@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import platform
 from typing import Callable, Optional
 
 import torch
@@ -18,9 +19,9 @@ from ..spec import KERNEL_DTYPES
 
 # Automatic choice on CUDA tensors, best first. Triton leads because it is the backend CI exercises on
 # every submission (through its interpreter); the CUDA C++ kernel follows until GPU measurements in
-# bench/results/ show it ahead. On CPU tensors the fused C++ kernel leads when it was built (measured
-# ahead of the torch backend in bench/results/cpu/), for channels_last inputs or planes at least
-# CPU_KERNEL_MIN_WIDTH wide (suits()); the Triton interpreter is for tests, not for speed. Elsewhere (MPS, ...) "auto" is the torch
+# bench/results/ show it ahead. On CPU tensors the fused C++ kernel leads when it was built, where it
+# was measured ahead of the torch backend (suits(), _cpu_kernel_wins: per kernel copy and plane width,
+# on x86-64 only); the Triton interpreter is for tests, not for speed. Elsewhere (MPS, ...) "auto" is the torch
 # backend. The fused kernels compute float16, bfloat16 and float32 only; the automatic choice passes
 # them over for other dtypes (suits()).
 CUDA_PREFERENCE = ("triton", "cuda", "torch")
@@ -73,12 +74,35 @@ def is_available(name: str, device: torch.device) -> bool:
     return why_unavailable(name, device) is None
 
 
-# The fused CPU kernel vectorises contiguous planes along W in strips of 16 columns; narrower planes
-# (SD 1.5's 8x8, 12x12) waste lanes and run 1.4x to 2x slower than the torch backend's Kronecker GEMMs,
-# wider ones (16x16 and up) 1.1x to 3x faster. channels_last inputs are vectorised across channels
-# instead, and there the kernel is 2x to 9x faster than the torch backend at every width from 16 up and
-# in bfloat16 at 8x8 too (within 15% of it for float32 8x8). Measured on a 2-vCPU EPYC.
+# When the automatic choice takes the fused CPU kernel. Measured 2026-12-01 on an Intel Sapphire Rapids
+# (AVX-512; 2 vCPUs shared with other jobs, torch 2.13, 1 thread, medians of interleaved calls timed by
+# thread CPU time; the x86-64-v3 (AVX2) and baseline (SSE2) copies forced with FREEU_KERNELS_CPU_ISA on
+# that processor, not run on an AVX2-only one), time of the cpu kernel / time of the torch backend:
+#   SDXL (2,1280,32,32) and (2,640,64,64), fp32 and bf16: v4 0.15-0.80, v3 0.15-0.81, baseline 0.22-0.87
+#     (the kernel at 1.2-1.5x torch.cat with either copy, the torch backend at 1.5-9.9x);
+#   contiguous 8x8:   v4 1.7-1.8 (half of each 16-lane vector idle), v3 0.60-0.78, baseline 0.59-0.78;
+#   contiguous 12x12: v4 1.2-1.9, v3 1.0-1.1 (a 4-column tail per row), baseline 0.54-0.67;
+#   contiguous 16x16, 24x24: every copy 0.21-0.74; channels_last 8x8 to 24x24: every copy 0.11-0.56.
+# The kernel runs rows narrower than 16 on the widest copy whose vector divides them (freeu_cpu.cpp
+# chosen_copy: v3 for 8, the baseline for 4 and 12), where it measured 0.55-0.78 at 8x8 and 12x12; a width
+# that no vector divides (10x10: 1.1-1.2) stays slower. Hence: the kernel for channels_last inputs, planes
+# at least CPU_KERNEL_MIN_WIDTH wide, or a multiple of 4 wide; the torch backend for other narrow planes.
+# The baseline copy is the only one on processors other than x86-64 (ARM, Apple): GCC vectorises it for
+# their 128-bit SIMD, but it has never been built or measured there, so "auto" takes the torch backend on
+# them (backend="cpu" still runs the kernel).
+# (Before, 2026-11-21, on a 2-vCPU AMD EPYC, AVX2 only: the x86-64-v3 copy, then built with 16-lane
+# vectors that GCC lowered through the stack, ran 2-3x slower than the torch backend in bf16; fixed.)
 CPU_KERNEL_MIN_WIDTH = 16
+CPU_KERNEL_NARROW_MULTIPLE = 4  # the baseline copy's vector: narrower rows that it divides still win
+# Whether this is a processor family the CPU measurements above cover.
+CPU_KERNEL_MEASURED_HERE = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _cpu_kernel_wins(spec, channels_last: bool) -> bool:
+    """Whether the fused CPU kernel beats the torch backend on this call (the measurements above)."""
+    if not CPU_KERNEL_MEASURED_HERE:
+        return False
+    return channels_last or spec.width >= CPU_KERNEL_MIN_WIDTH or spec.width % CPU_KERNEL_NARROW_MULTIPLE == 0
 
 
 def suits(name: str, spec, channels_last: bool = False) -> bool:
@@ -87,7 +111,7 @@ def suits(name: str, spec, channels_last: bool = False) -> bool:
         return True
     if spec.dtype not in KERNEL_DTYPES:  # the fused kernels compute float16, bfloat16 and float32
         return False
-    return name != "cpu" or channels_last or spec.width >= CPU_KERNEL_MIN_WIDTH
+    return name != "cpu" or _cpu_kernel_wins(spec, channels_last)
 
 
 def auto_order(device: torch.device):

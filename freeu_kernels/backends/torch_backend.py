@@ -1,4 +1,4 @@
-"""The "torch" backend: FreeU at one concat in plain PyTorch, no FFT, no complex tensors, any device.
+"""The "torch" backend: FreeU at one concat in plain PyTorch, no complex tensors on the low-rank path, any device.
 
 Math (DESIGN.md section 2, in real arithmetic). Per plane h (H x W), with twiddle tables
 ``Ey = [cos(2 pi ky y / H) | sin(2 pi ky y / H)]`` (H x 2ny) and ``Ex`` likewise (W x 2nx):
@@ -9,15 +9,19 @@ Math (DESIGN.md section 2, in real arithmetic). Per plane h (H x W), with twiddl
     h' = g_hi h + Ey [[Qr, Qi], [Qi, -Qr]] Ex^T
 
 because Re(X(k) e^{i(a + b)}) = R (cos a cos b - sin a sin b) + I (sin a cos b + cos a sin b).
-The map from M to the coefficient matrix is one fixed small matrix T (see _coefficient_map), folded
-with the expansion by Ey into one small table, so a call is: one thin "moment GEMM" over the data, two
-small matmuls, and the rank-2nx update as one ``addmm`` per sample that writes the output slice
-directly (beta = g_hi). Planes of up to 256 elements use the Kronecker table Ey (x) Ex instead, so the
-moments and the update are each a single GEMM over every plane. h is read twice and the output written
-once. bfloat16 on the CPU updates straight from the input with
-split operands (a = a_hi + a_lo, exact to 2^-16) in one bfloat16 GEMM, which accumulates in float32 and
-rounds once; its moments, and those of every other low-precision case, come from float32 copies of h
-made a chunk at a time, so no full-size float32 temporary is ever allocated.
+The map from M to the coefficient matrix is one fixed small matrix T (see _coefficient_map). A call
+works on every plane at once, in a fixed number of ops whatever the shape and dtype (about a dozen,
+counted in tests/test_torch_backend.py; each op is one kernel launch on an accelerator and one parallel
+region on the CPU): one thin "moment GEMM" over the data, three small GEMMs on 2nx/W of it, and the
+rank-2nx update as one batched GEMM over the samples that writes the output slice directly (beta =
+g_hi). Planes of up to 256 elements use the Kronecker table Ey (x) Ex instead, so the moments and the
+update are each a single GEMM. Low-precision planes are converted once to a float32 copy (the one
+full-size temporary), updated there in place and rounded once into the output. Only spec.band is read
+(never spec.threshold), so any band, unequal per axis included, is computed as given.
+
+Thread count: every reduction is inside a GEMM (or, on the FFT path, an FFT) whose split of the work
+over threads does not change the order of any sum, so the output bits do not depend on
+torch.set_num_threads on the CPU (tested on 1 and 2 threads, tests/test_torch_backend.py).
 """
 
 from __future__ import annotations
@@ -32,9 +36,6 @@ from ..spec import FreeUSpec, allocate_output
 __all__ = ["fused_concat_torch", "twiddle_table", "filter_skip_fft", "write_backbone"]
 
 _TWIDDLES: Dict[Tuple, torch.Tensor] = {}
-
-# Planes whose float32 copy is made at once for the moments of a low-precision input (about 4 MiB).
-_CHUNK_ELEMENTS = 1 << 20
 
 
 def twiddle_table(size: int, k0: int, count: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -82,77 +83,51 @@ def write_backbone(out_x: torch.Tensor, x: torch.Tensor, b: torch.Tensor, spec: 
 _KRONECKER_MAX_PLANE = 256
 
 
-def _coefficient_gathers(band) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """How the update's coefficients Q come from the moments M: Q = M[first] * c1 + M[second] * c2.
+def _coefficient_map(band) -> torch.Tensor:
+    """The dense float64 map T from the moments M to the update's coefficients Q: vec(Q) = vec(M) @ T.
 
-    M holds [[Scc, Scs], [Ssc, Sss]] as rows (a, b) of a (2ny, 2nx) grid flattened row-major. Q is
-    [[Qr, Qi], [Qi, -Qr]] with Qr = w (Scc - Sss) and Qi = w (Ssc + Scs), w the mask weight of the grid
-    point, produced in (b, a) order (column-block first), the order the expansion by Ey consumes. Each
-    coefficient is a signed, weighted sum of exactly two moments, so two row gathers and two multiplies
-    replace a dense (4 ny nx)^2 map: linear, not quadratic, in the number of masked frequencies.
-    Returns (first, second, c1, c2): int64 row indices and float64 (4 ny nx, 1) coefficients.
+    M holds [[Scc, Scs], [Ssc, Sss]] as a (2ny, 2nx) grid (rows a, columns b), Q is [[Qr, Qi], [Qi, -Qr]]
+    in the same layout, both flattened row-major, with Qr = w (Scc - Sss), Qi = w (Ssc + Scs) and w the
+    mask weight of the grid point. Each coefficient is a signed, weighted sum of exactly two moments.
     """
     ny, nx = band.ny, band.nx
     weight = band.weight_table(torch.float64)
-    first, second, c1, c2 = [], [], [], []
-    for col in range(2 * nx):
-        for row in range(2 * ny):
+    dense = torch.zeros(4 * ny * nx, 4 * ny * nx, dtype=torch.float64)
+    for row in range(2 * ny):
+        for col in range(2 * nx):
             i, j = row % ny, col % nx
             cc, cs = i * 2 * nx + j, i * 2 * nx + nx + j
             sc, ss = (ny + i) * 2 * nx + j, (ny + i) * 2 * nx + nx + j
             w = float(weight[i, j])
+            produced = row * 2 * nx + col
             if (row < ny) == (col < nx):  # (cos, cos) holds Qr = w (Scc - Sss); (sin, sin) holds -Qr
                 sign = 1.0 if row < ny else -1.0
-                first.append(cc), second.append(ss), c1.append(sign * w), c2.append(-sign * w)
+                dense[cc, produced] += sign * w
+                dense[ss, produced] -= sign * w
             else:  # the mixed blocks hold Qi = w (Ssc + Scs)
-                first.append(sc), second.append(cs), c1.append(w), c2.append(w)
-    column = lambda v: torch.tensor(v, dtype=torch.float64).view(-1, 1)  # noqa: E731
-    return torch.tensor(first), torch.tensor(second), column(c1), column(c2)
-
-
-def _coefficient_map(band) -> torch.Tensor:
-    """The same map as a dense float64 matrix T, vec(Q) = vec(M) @ T, both flattened row-major (a, b).
-
-    For the Kronecker form, where T is folded into the right factor once and costs nothing per call.
-    """
-    first, second, c1, c2 = _coefficient_gathers(band)
-    two_ny, two_nx = 2 * band.ny, 2 * band.nx
-    produced = torch.arange(first.numel())  # (b, a) order -> column a * 2nx + b
-    column = (produced % two_ny) * two_nx + produced // two_ny
-    dense = torch.zeros(first.numel(), first.numel(), dtype=torch.float64)
-    dense.index_put_((first, column), c1.view(-1), accumulate=True)
-    dense.index_put_((second, column), c2.view(-1), accumulate=True)
+                dense[sc, produced] += w
+                dense[cs, produced] += w
     return dense
 
 
-def _updates_low_precision_directly(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the update of low-precision planes reads them straight from the input.
-
-    True for bfloat16 on the CPU, where oneDNN's bfloat16 GEMM accumulates in float32 and applies beta
-    before its single rounding, which _split_rows relies on (the accuracy tests pin it). Elsewhere the
-    update runs in the float32 workspace and is rounded into the output by a copy.
-    """
-    return dtype == torch.bfloat16 and device.type == "cpu"
-
-
 class _LowRankFactors:
-    """The filter of one call as ``h' = g_hi h + left @ right`` on rows of the planes.
+    """The filter of one plane shape and band as ``h' = g_hi h + gain * left(h) @ right`` on rows of planes.
 
-    Two forms, chosen by plane size; both start with one "moment GEMM" ``table^T @ rows^T`` that
-    reduces every row of the data against a few twiddle columns, and both keep the thin factors in the
-    wide orientation (r, rows): thin-and-tall tensors of 4 to 16 columns are several times slower to
-    multiply, convert and concatenate on the CPU than their transposes (measured).
+    Two forms, chosen by plane size; both begin with one "moment GEMM" that reduces every row of the
+    data against a few twiddle columns, and end with one batched GEMM per call that adds the update.
 
-    Separable (rows are plane rows, length W): ``A = Ex^T rows^T`` (2nx, P H); per plane the (2ny, 2nx)
-    moments ``M = Ey^T A_p^T``, gathered as M^T (4 ny nx, P); the coefficients Q^T from two row gathers
-    (_coefficient_gathers); ``left^T[b'] = Q[:, :, b'] Ey^T`` (P, H) for each of the 2nx columns b';
-    right = Ex^T. After the moment GEMM everything up to the update works on 2nx/W of the data.
+    Separable (rows are plane rows, length W): ``A = rows Ex`` (P H, 2nx); the moments ``M_p = Ey^T A_p``
+    (P, 2ny, 2nx) from one batched GEMM, mapped to the coefficients by one GEMM with the map T, and
+    expanded by one batched GEMM ``left_p = Ey Q_p`` (H, 2nx); right = Ex^T. After the moment GEMM
+    everything up to the update works on 2nx/W of the data.
 
-    Kronecker (small planes; rows are whole planes, length H W): K = Ey (x) Ex, ``left^T = K^T rows^T``
-    (the moments) and ``right = T K^T`` with the dense coefficient map T (_coefficient_map).
+    Kronecker (small planes; rows are whole planes, length H W): K = Ey (x) Ex, ``left = rows K`` (the
+    moments) and ``right = T K^T``.
 
-    The tables depend on the plane shape and the band only; the gain ``(s - g_hi) / (H W)`` multiplies
-    ``right`` (a few rows of W or H W) per call, so a changing s costs no rebuild.
+    Everything is built once per (plane shape, band, device, dtype) and read-only afterwards; the gain
+    ``(s - g_hi) / (H W)`` multiplies the small ``coefficients`` (separable) or ``right`` (Kronecker) per
+    call, so a changing s costs no rebuild. The number of ops per call is fixed: it depends on neither
+    the shape nor the dtype (tests/test_torch_backend.py counts them).
     """
 
     def __init__(self, spec: FreeUSpec, device: torch.device, compute: torch.dtype):
@@ -160,42 +135,36 @@ class _LowRankFactors:
         self.height = spec.height
         ey = twiddle_table(spec.height, band.ky0, band.ny, device, compute)
         ex = twiddle_table(spec.width, band.kx0, band.nx, device, compute)
+        coefficient_map = _coefficient_map(band)
         self.kronecker = spec.plane_size <= _KRONECKER_MAX_PLANE
         if self.kronecker:
-            coefficient_map = _coefficient_map(band).to(device=device, dtype=compute)
             # (H W, 2ny * 2nx): column (a, b) holds Ey[y, a] Ex[x, b].
             self.table = (ey[:, None, :, None] * ex[None, :, None, :]).reshape(spec.plane_size, -1)
-            self.unit_right = coefficient_map @ self.table.t()
+            self.unit_right = coefficient_map.to(device=device, dtype=compute) @ self.table.t()
+            self.row_length = spec.plane_size
         else:
-            first, second, c1, c2 = _coefficient_gathers(band)
-            self.first, self.second = first.to(device), second.to(device)
-            self.c1, self.c2 = c1.to(device=device, dtype=compute), c2.to(device=device, dtype=compute)
             self.ey = ey
             self.table = ex
-            self.unit_right = ex.t()
-        self.row_length = self.unit_right.shape[1]
+            self.coefficients = coefficient_map.to(device=device, dtype=compute)
+            self.unit_right = ex.t().contiguous()
+            self.row_length = spec.width
 
-    def right(self, gain: torch.Tensor) -> torch.Tensor:
-        """The update's right factor for this call's gain, a 0-d tensor."""
-        return self.unit_right * gain
+    def left_and_right(self, rows: torch.Tensor, gain: torch.Tensor):
+        """The update's factors for rows (R, row_length) of whole planes: left (R, r), right (r, row_length).
 
-    def rows(self, planes: torch.Tensor) -> torch.Tensor:
-        """The planes (p, H, W) as the 2-D rows the update works on."""
-        return planes.reshape(-1, self.row_length)
-
-    def left_t(self, products: torch.Tensor) -> torch.Tensor:
-        """The update's left factor, transposed (r, rows), from the moment GEMM's ``table^T rows^T``."""
+        ``gain`` is the call's 0-d (s - g_hi) / (H W). Every product keeps the long axis (the rows) as
+        the GEMM's M dimension, which the BLAS splits over threads; its K dimension (W, H or H W) is
+        never split, so no sum's order depends on the thread count. (The transposed, "wide" moment GEMM
+        ``table^T rows^T`` is faster on MKL but its result changes in the last bit with the thread count.)
+        """
+        products = rows @ self.table  # the moment GEMM: (R, r)
         if self.kronecker:
-            return products
-        two_nx = products.shape[0]
-        count = products.shape[1] // self.height
-        # (2ny, 2nx P) viewed as M^T (4 ny nx, P), rows in (a, b) order.
-        moments_t = (self.ey.t() @ products.view(-1, self.height).t()).view(-1, count)
-        coefficients_t = moments_t.index_select(0, self.first) * self.c1
-        coefficients_t.addcmul_(moments_t.index_select(0, self.second), self.c2)
-        # (2nx, 2ny, P): per column b', Q[:, :, b']^T; left^T[b'] = Q[:, :, b'] Ey^T.
-        per_column = coefficients_t.view(two_nx, -1, count).transpose(1, 2)
-        return torch.bmm(per_column, self.ey.t().expand(two_nx, -1, -1)).view(two_nx, -1)
+            return products, self.unit_right * gain
+        planes, two_nx = rows.shape[0] // self.height, products.shape[1]
+        moments = torch.matmul(self.ey.t(), products.view(planes, self.height, two_nx))  # (P, 2ny, 2nx)
+        coefficients = moments.view(planes, -1) @ (self.coefficients * gain)  # (P, (a, b)) row-major
+        left = torch.matmul(self.ey, coefficients.view(planes, -1, two_nx))  # (P, H, 2nx): Ey Q_p
+        return left.view(-1, two_nx), self.unit_right
 
 
 _FACTORS: Dict[Tuple, _LowRankFactors] = {}
@@ -210,111 +179,95 @@ def _low_rank_factors(spec: FreeUSpec, device: torch.device, compute: torch.dtyp
     return factors
 
 
-_WEIGHTS: Dict[Tuple, torch.Tensor] = {}
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 planes are filtered in float64, every other dtype in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _weight_table(band, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """band.weight_table on the device, cached (no host-to-device copy per call, so CUDA graphs capture)."""
-    key = (band, device, dtype)
-    table = _WEIGHTS.get(key)
-    if table is None:
-        table = _WEIGHTS[key] = band.weight_table(dtype).to(device)
-    return table
+def _view_or_none(t: torch.Tensor, shape) -> Optional[torch.Tensor]:
+    """t viewed (no copy) with this shape, or None if its strides allow no such view."""
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return None
 
 
 def _filter_lowrank(h: torch.Tensor, out_h: torch.Tensor, spec: FreeUSpec, s: torch.Tensor) -> None:
-    """out_h = g_hi h + left @ right for every plane (the low-rank filter); out_h written once.
+    """out_h = g_hi h + left @ right for every plane (the low-rank filter), in a fixed number of ops.
 
-    Works one sample at a time (a sample's planes are one strided block of the output). float32/float64
-    planes are filtered with one moment GEMM, two small matmuls and one ``addmm`` that writes the output
-    directly. Low-precision planes are handled in equal chunks of about _CHUNK_ELEMENTS: converted into
-    a small float32 workspace for the moments (float32 accuracy, and no full-size temporary), then
-    updated: bfloat16 on the CPU straight from the input with split operands (see _split_rows), which
-    accumulates in float32 and rounds once; otherwise in the workspace, rounded once into the output.
+    All planes at once: h as rows (R, row_length) in logical order (one copy if its layout has no such
+    view, e.g. channels_last), converted once to the float32 compute dtype if it is of lower precision;
+    the factors from _LowRankFactors; then one batched GEMM over the N samples, ``left @ right``, and one
+    add of ``g_hi h``. A float32/float64 output slice whose layout has the rows view (each sample's
+    planes are one contiguous block of the output even though the output interleaves the backbone
+    channels) is written by the GEMM directly; otherwise the product goes to one temporary and the add
+    writes the output (the single rounding of a low-precision output). At most one full-size temporary
+    is alive at a time.
     """
-    compute = torch.float64 if spec.dtype == torch.float64 else torch.float32
+    compute = _compute_dtype(spec.dtype)
     factors = _low_rank_factors(spec, h.device, compute)
-    right = factors.right((s.to(compute) - spec.high_gain) / spec.plane_size)
-    height, width, length = spec.height, spec.width, factors.row_length
-    direct = h.dtype == compute
-    # Low-precision planes go through a float32 workspace a chunk at a time, in equal chunks.
-    planes_per_sample = spec.skip_channels * spec.frames
-    chunks = 1 if direct else -(-planes_per_sample * spec.plane_size // _CHUNK_ELEMENTS)
-    step = max(1, -(-planes_per_sample // chunks))
-    workspace = None
-    split_right = None
-    if not direct and _updates_low_precision_directly(h.dtype, h.device):
-        right_hi = right.to(h.dtype)
-        split_right = torch.cat([right_hi, (right - right_hi.to(compute)).to(h.dtype), right_hi], dim=0)
-    for n in range(spec.batch):
-        planes = h[n].reshape(-1, height, width)
-        sample_out = out_h[n]
-        viewable = _is_view_compatible(sample_out, (-1, length))
-        # A layout whose rows can't be viewed flat (channels_last) is filled through one temporary.
-        target = sample_out.view(planes.shape) if viewable else torch.empty(planes.shape, dtype=h.dtype,
-                                                                             device=h.device)
-        for begin in range(0, planes.shape[0], step):
-            src = factors.rows(planes[begin : begin + step])
-            dst = target[begin : begin + step].view(-1, length)
-            if direct:
-                left_t = factors.left_t(factors.table.t() @ src.t())
-                torch.addmm(src, left_t.t(), right, beta=spec.high_gain, out=dst)
-                continue
-            if workspace is None:
-                workspace = torch.empty((step * height * width // length, length), dtype=compute, device=h.device)
-            chunk_rows = workspace[: src.shape[0]]
-            chunk_rows.copy_(src)
-            left_t = factors.left_t(factors.table.t() @ chunk_rows.t())
-            if split_right is not None:
-                # One low-precision addmm that accumulates in float32 and rounds once, with float32-accurate
-                # split operands, reading the input planes directly.
-                torch.addmm(src, _split_rows(left_t, h.dtype).t(), split_right, beta=spec.high_gain, out=dst)
-                continue
-            torch.addmm(chunk_rows, left_t.t(), right, beta=spec.high_gain, out=chunk_rows)
-            dst.copy_(chunk_rows)
-        if not viewable:
-            sample_out.copy_(target.view(sample_out.shape))
+    length = factors.row_length
+    gain = (s.to(compute) - spec.high_gain) / spec.plane_size
+    flat = _view_or_none(h, (-1, length))  # the moment GEMM takes every row of every sample at once
+    flat = (h.reshape(-1, length) if flat is None else flat).to(compute)  # rows in logical order
+    left, right = factors.left_and_right(flat, gain)
+    rows = flat.view(h.shape[0], -1, length)
+    left = left.view(rows.shape[0], rows.shape[1], -1)
+    right = right.expand(rows.shape[0], -1, -1)
+    # The update as a plain batched GEMM and one elementwise add, out = left @ right + g_hi h: MKL's GEMM
+    # with a beta term (baddbmm, beta = g_hi) rounds differently with the thread count, without it not.
+    target = _view_or_none(out_h, rows.shape) if h.dtype == compute else None
+    if target is not None:  # the GEMM writes the output slice, the add updates it in place
+        torch.bmm(left, right, out=target)
+        target.add_(rows, alpha=spec.high_gain)
+        return
+    # Any other layout or dtype: the product in a compute-dtype temporary (the float32 copy of a
+    # low-precision h is released first), added to h itself into the output (one rounding).
+    del flat, rows
+    product = torch.bmm(left, right).view(h.shape)
+    # In place, then one cast into the output: an out= add of mixed dtypes would widen h and the sum into
+    # two more full-size float32 temporaries first. Same arithmetic and the same single rounding.
+    product.add_(h, alpha=spec.high_gain)
+    out_h.copy_(product)
 
 
-def _split_rows(a: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[a_hi; a_hi; a_lo] in ``dtype`` with a ~= a_hi + a_lo, to pair (transposed) with [b_hi; b_lo; b_hi].
+_FFT_GAINS: Dict[Tuple, torch.Tensor] = {}
 
-    (a_hi + a_lo)(b_hi + b_lo) - a_lo b_lo = a_hi b_hi + a_hi b_lo + a_lo b_hi: one low-precision matmul
-    with three times the inner size gives the float32 product to ~2^-16 relative.
+
+def _fft_mask(spec: FreeUSpec, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(H, W // 2 + 1) half-spectrum weights m_sym(k) = (m(k) + m(-k)) / 2, m the 0/1 mask of the band.
+
+    Cached per plane shape, band, device and dtype; the call's gains are g_hi + (s - g_hi) m_sym.
     """
-    hi = a.to(dtype)
-    return torch.cat([hi, hi, (a - hi.to(a.dtype)).to(dtype)], dim=0)
-
-
-def _is_view_compatible(t: torch.Tensor, shape) -> bool:
-    """Whether t can be viewed (no copy) with this shape."""
-    try:
-        t.view(shape)
-        return True
-    except RuntimeError:
-        return False
+    band = spec.band
+    height, width = spec.height, spec.width
+    key = (height, width, band, device, dtype)
+    table = _FFT_GAINS.get(key)
+    if table is None:
+        mask = torch.zeros(height, width, dtype=torch.float64)
+        ky = torch.arange(band.ky0, band.ky0 + band.ny) % height
+        kx = torch.arange(band.kx0, band.kx0 + band.nx) % width
+        mask[ky[:, None], kx[None, :]] = band.weight_table(torch.float64)
+        mirror_y, mirror_x = (-torch.arange(height)) % height, (-torch.arange(width)) % width
+        table = 0.5 * (mask + mask[mirror_y][:, mirror_x])
+        table = _FFT_GAINS[key] = table[:, : width // 2 + 1].to(device=device, dtype=dtype)
+    return table
 
 
 def filter_skip_fft(h: torch.Tensor, spec: FreeUSpec, s: torch.Tensor) -> torch.Tensor:
     """The filter through a real FFT, for masks with too many frequencies for the low-rank path.
 
     Re(ifft2(G X)) = ifft2(G_sym X) with G_sym(k) = (G(k) + G(-k)) / 2, and G_sym is Hermitian, so a
-    half-spectrum rfft2/irfft2 pair with the symmetrised gains is exact for real h.
+    half-spectrum rfft2/irfft2 pair with the symmetrised gains is exact for real h. With G = g_hi +
+    (s - g_hi) m: G_sym = g_hi + (s - g_hi) m_sym (_fft_mask). Returns the filtered planes in the
+    compute dtype (float32, or float64 for float64 input).
     """
-    band = spec.band
-    compute = torch.float64 if spec.dtype == torch.float64 else torch.float32
-    height, width = spec.height, spec.width
-    gains = torch.full((height, width), spec.high_gain, dtype=compute, device=h.device)
-    ky = (torch.arange(band.ky0, band.ky0 + band.ny, device=h.device)) % height
-    kx = (torch.arange(band.kx0, band.kx0 + band.nx, device=h.device)) % width
-    inside = _weight_table(band, h.device, torch.bool)
-    block = torch.where(inside, s.to(device=h.device, dtype=compute), gains[ky][:, kx])
-    gains[ky[:, None], kx[None, :]] = block
-    mirror_y = (-torch.arange(height, device=h.device)) % height
-    mirror_x = (-torch.arange(width, device=h.device)) % width
-    gains = 0.5 * (gains + gains[mirror_y][:, mirror_x])
-    spectrum = torch.fft.rfft2(h.to(compute)) * gains[:, : width // 2 + 1]
-    return torch.fft.irfft2(spectrum, s=(height, width))
+    compute = _compute_dtype(spec.dtype)
+    gains = _fft_mask(spec, h.device, compute) * (s.to(device=h.device, dtype=compute) - spec.high_gain)
+    gains += spec.high_gain
+    spectrum = torch.fft.rfft2(h.to(compute))
+    spectrum *= gains
+    return torch.fft.irfft2(spectrum, s=(spec.height, spec.width))
 
 
 def fused_concat_torch(

@@ -1,290 +1,278 @@
-"""The "triton" backend: the whole FreeU concat in ONE Triton launch.
+"""The "triton" backend: the whole FreeU concat in ONE Triton launch (kernel: triton_kernels.py).
 
-Work decomposition. The output has N * (Cx + Ch) * F planes of H x W (F = 1 for 4-D). A program owns
-BLOCK_P consecutive output planes and every element of them: backbone planes (channel c < Cx) are read
-from x, scaled and written at channel c; skip planes are read from h, filtered and written at channel
-Cx + c' -- the concat is only an offset. Each input element is read once and each output element written
-once when a plane tile fits on chip (NUM_CHUNKS == 1); larger planes are swept twice in row chunks
-(moments, then the update), the second read hitting L2.
+This module is the launcher. :func:`launch_plan` computes, from the call's metadata alone (spec, strides,
+device type), everything the launch needs: the grid, num_warps, the kernel's runtime integers and its
+constexprs. The real launch and bench/codegen's Triton target both use it, so the code counted there is
+the code that runs. Plans and twiddle tables are cached per key, so a repeated call costs a dictionary
+look-up and the launch.
 
-Math (DESIGN.md section 2). For grid frequency (i, j), ky = ky0 + i, kx = kx0 + j, with the separable
-twiddles a_i(y) = 2 pi (ky y mod H) / H and b_j(x) = 2 pi (kx x mod W) / W:
-
-    R_ij = sum_{y,x} h cos(a_i + b_j) = sum_y [cos a_i Tc_j(y) - sin a_i Ts_j(y)]      Tc_j(y) = sum_x h cos b_j
-    I_ij = sum_{y,x} h sin(a_i + b_j) = sum_y [sin a_i Tc_j(y) + cos a_i Ts_j(y)]      Ts_j(y) = sum_x h sin b_j
-    X(k) = R - i I,  w_ij = (s - g_hi) [k in mask] / (H W)
-    h'(y, x) = g_hi h + sum_j [Uc_j(y) cos b_j(x) + Us_j(y) sin b_j(x)]
-    Uc_j = sum_i w_ij (R_ij cos a_i + I_ij sin a_i),   Us_j = sum_i w_ij (I_ij cos a_i - R_ij sin a_i)
-
-so each element costs 2 multiply-adds per frequency column for the moments and 2 for the update.
-The moments of all (i, j) are kept in two (BLOCK_P, NF) accumulators addressed by a one-hot mask
-(Triton has no arrays of tensors). Twiddle arguments are reduced in integers and centred on 0, so cos and
-sin see |angle| <= pi. Scalars are cast to float32 in the kernel; b and s are read from device memory
-when they live there, so a schedule that changes them never recompiles and is never baked into a graph.
-No libdevice, no inline asm: the kernel runs under TRITON_INTERPRET=1 on CPU tensors, which CI uses.
+Work decomposition: programs [0, skip_programs) each filter BLOCK_P skip planes (read from h, written at
+channel Cx + c'); the remaining programs copy (BLOCK_C x BLOCK_Q) tiles of the backbone, scaled, to
+channels [0, Cx). Each input element is read once and each output element written once, except on
+planes too large for one program's registers, which are swept twice (the second read hits L2).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
+from typing import Dict, Tuple
 
 import torch
 import triton
-import triton.language as tl
 
-from ..spec import KERNEL_DTYPES, FreeUSpec, allocate_output
+from ..spec import KERNEL_DTYPES, FreeUSpec, FrequencyBand, allocate_output
+from .triton_kernels import (
+    BACKBONE_CHANNELS_LAST,
+    BACKBONE_PLANES,
+    BACKBONE_STRIDED,
+    ROLE_BOTH,
+    freeu_concat_kernel,
+)
 
-__all__ = ["fused_concat_triton", "launch_config"]
+__all__ = ["fused_concat_triton", "launch_plan", "LaunchPlan", "twiddle_table", "logical_strides"]
 
-TWO_PI = 2.0 * math.pi
-
-# Elements of one program's tile: enough work per program to hide latency, few enough to stay in
-# registers (a 64x64 plane is one tile).
-_TILE_ELEMENTS = 4096
-
-
-@triton.jit
-def _twiddle(k, pos, size):
-    """cos and sin of 2 pi (k pos mod size) / size, argument reduced in integers to [-pi, pi]."""
-    r = (k * pos) % size
-    r = tl.where(2 * r > size, r - size, r)
-    angle = r.to(tl.float32) * 6.283185307179586 / size
-    return tl.cos(angle), tl.sin(angle)
-
-
-@triton.jit
-def _round_to_output(value, out_dtype: tl.constexpr):
-    """float32 -> output dtype, rounding to nearest even.
-
-    bfloat16 is rounded by hand in integers (the upper 16 bits of a float32, with round-half-even
-    on the lower 16) because Triton's interpreter truncates that conversion; the GPU's own conversion
-    gives the same bits. NaN is kept NaN.
-    """
-    if out_dtype == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        as_bf16 = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(value != value, value.to(tl.bfloat16), as_bf16)
-    return value.to(out_dtype)
+# Skip elements one program holds in registers at most; larger planes are swept in row chunks.
+_SKIP_TILE_ELEMENTS = 4096
+# Elements per thread a program aims for: 32 floats of v plus 32 of the correction stay well inside the
+# register file, and 32 fp16 elements are four 16-byte loads in flight per thread before any use.
+_ELEMENTS_PER_THREAD = 32
+# Backbone tile per program in vectors of 16 bytes per thread (several loads in flight per thread).
+_BACKBONE_VECTORS_PER_THREAD = 4
+# Bands up to this many frequencies per axis are unrolled (constexpr frequencies: the kx = 0 column and
+# the ky = 0 row cost no twiddle); larger ones run as runtime loops (fast compile, no spills).
+_STATIC_BAND_MAX = 4
+# Skip paths (the kernel's SWEEP): the plane tile in registers; planes too large for that swept twice in row
+# chunks, either with column sums kept per thread (channels_last, small bands) or with one-hot moments.
+_IN_REGISTERS, _SWEEP_ONE_HOT, _SWEEP_COLUMN_SUMS = 0, 1, 2
+# Under the interpreter every program costs Python time: fewer, larger programs.
+_INTERPRETER_BACKBONE_TILE = 16384
 
 
-@triton.jit
-def _load_tile(x_ptr, h_ptr, x_base, h_base, is_skip, plane_ok, rows, cols, H, W,
-               sxh, sxw, shh, shw):
-    """One (BLOCK_P, BLOCK_H, BLOCK_W) tile of input planes in float32, 0 outside the planes."""
-    y = rows[None, :, None]
-    x = cols[None, None, :]
-    inside = plane_ok[:, None, None] & (y < H) & (x < W)
-    skip = is_skip[:, None, None]
-    from_x = tl.load(x_ptr + (x_base[:, None, None] + y * sxh + x * sxw), mask=inside & (skip == 0), other=0.0)
-    from_h = tl.load(h_ptr + (h_base[:, None, None] + y * shh + x * shw), mask=inside & (skip != 0), other=0.0)
-    return tl.where(skip != 0, from_h.to(tl.float32), from_x.to(tl.float32)), inside
-
-
-@triton.jit
-def _accumulate_moments(v, rows, cols, H, W, mom_r, mom_i, fidx,
-                        KY0, KX0, NY: tl.constexpr, NX: tl.constexpr):
-    """Add this tile's contribution to R_ij and I_ij (one-hot columns of the (BLOCK_P, NF) accumulators)."""
-    for j in tl.static_range(NX):
-        cb, sb = _twiddle(KX0 + j, cols, W)
-        t_cos = tl.sum(v * cb[None, None, :], axis=2)  # Tc_j(y), (BLOCK_P, BLOCK_H)
-        t_sin = tl.sum(v * sb[None, None, :], axis=2)  # Ts_j(y)
-        for i in tl.static_range(NY):
-            ca, sa = _twiddle(KY0 + i, rows, H)
-            r = tl.sum(ca[None, :] * t_cos - sa[None, :] * t_sin, axis=1)
-            im = tl.sum(sa[None, :] * t_cos + ca[None, :] * t_sin, axis=1)
-            hot = fidx[None, :] == (i * NX + j)
-            mom_r += tl.where(hot, r[:, None], 0.0)
-            mom_i += tl.where(hot, im[:, None], 0.0)
-    return mom_r, mom_i
-
-
-@triton.jit
-def _lowrank_update(rows, cols, H, W, mom_r, mom_i, fidx, gain_delta, KY0_SIGNED, KX0_SIGNED, RADIUS_SQ,
-                    KY0, KX0, NY: tl.constexpr, NX: tl.constexpr, RADIAL: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """sum_j Uc_j(y) cos b_j(x) + Us_j(y) sin b_j(x) for the tile's rows and columns."""
-    corr = tl.zeros((BLOCK_P, BLOCK_H, BLOCK_W), dtype=tl.float32)
-    for j in tl.static_range(NX):
-        u_cos = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
-        u_sin = tl.zeros((BLOCK_P, BLOCK_H), dtype=tl.float32)
-        for i in tl.static_range(NY):
-            hot = fidx[None, :] == (i * NX + j)
-            w = gain_delta
-            if RADIAL:
-                ky = KY0_SIGNED + i
-                kx = KX0_SIGNED + j
-                w = tl.where(ky * ky + kx * kx < RADIUS_SQ, gain_delta, 0.0)
-            r = tl.sum(tl.where(hot, mom_r, 0.0), axis=1)[:, None] * w
-            im = tl.sum(tl.where(hot, mom_i, 0.0), axis=1)[:, None] * w
-            ca, sa = _twiddle(KY0 + i, rows, H)
-            u_cos += r * ca[None, :] + im * sa[None, :]
-            u_sin += im * ca[None, :] - r * sa[None, :]
-        cb, sb = _twiddle(KX0 + j, cols, W)
-        corr += u_cos[:, :, None] * cb[None, None, :] + u_sin[:, :, None] * sb[None, None, :]
-    return corr
-
-
-@triton.jit
-def _fused_concat_kernel(
-    x_ptr, h_ptr, out_ptr, map_ptr, b_ptr, s_ptr,
-    b_val, s_val, high_gain,
-    n_planes, CX, C_OUT, F, H, W, WIN_START, WIN_STOP,
-    sxn, sxc, sxf, sxh, sxw,
-    shn, shc, shf, shh, shw,
-    son, soc, sof, soh, sow,
-    KY0_SIGNED, KX0_SIGNED, KY0, KX0, RADIUS_SQ,
-    NY: tl.constexpr, NX: tl.constexpr, NF: tl.constexpr, RADIAL: tl.constexpr,
-    HAS_MAP: tl.constexpr, FACTORS_IN_MEMORY: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, NUM_CHUNKS: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    plane = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    plane_ok = plane < n_planes
-    plane = tl.where(plane_ok, plane, 0)
-    f = plane % F
-    c = (plane // F) % C_OUT
-    n = plane // (F * C_OUT)
-    is_skip = (c >= CX).to(tl.int32)
-    # Clamp the channel of the other tensor so masked-off lanes still hold in-range addresses.
-    cx_idx = tl.where(is_skip != 0, 0, c)
-    ch_idx = tl.where(is_skip != 0, c - CX, 0)
-    x_base = n * sxn + cx_idx * sxc + f * sxf
-    h_base = n * shn + ch_idx * shc + f * shf
-    o_base = n * son + c * soc + f * sof
-
-    if FACTORS_IN_MEMORY:
-        b = tl.load(b_ptr).to(tl.float32)
-        s = tl.load(s_ptr).to(tl.float32)
-    else:
-        b = tl.cast(b_val, tl.float32)
-        s = tl.cast(s_val, tl.float32)
-    g_hi = tl.cast(high_gain, tl.float32)
-    gain_delta = (s - g_hi) / (H * W)
-    in_window = (is_skip == 0) & (c >= WIN_START) & (c < WIN_STOP)
-
-    rows0 = tl.arange(0, BLOCK_H)
-    cols = tl.arange(0, BLOCK_W)
-    fidx = tl.arange(0, NF)
-    mom_r = tl.zeros((BLOCK_P, NF), dtype=tl.float32)
-    mom_i = tl.zeros((BLOCK_P, NF), dtype=tl.float32)
-
-    if NUM_CHUNKS == 1:
-        # The plane tile fits on chip: read once, reduce, update, write.
-        v, inside = _load_tile(x_ptr, h_ptr, x_base, h_base, is_skip, plane_ok, rows0, cols, H, W,
-                               sxh, sxw, shh, shw)
-        if NY * NX > 0:
-            mom_r, mom_i = _accumulate_moments(v, rows0, cols, H, W, mom_r, mom_i, fidx, KY0, KX0, NY, NX)
-        _finish_tile(v, inside, rows0, cols, out_ptr, map_ptr, o_base, n, f, F, H, W, soh, sow, is_skip,
-                     in_window, b, g_hi, mom_r, mom_i, fidx, gain_delta, KY0_SIGNED, KX0_SIGNED, RADIUS_SQ,
-                     KY0, KX0, NY, NX, RADIAL, HAS_MAP, BLOCK_P, BLOCK_H, BLOCK_W)
-    else:
-        # Large planes: sweep 1 takes the moments over row chunks, sweep 2 reads again (from L2) and writes.
-        if NY * NX > 0:
-            for chunk in range(NUM_CHUNKS):
-                rows = rows0 + chunk * BLOCK_H
-                v, _ = _load_tile(x_ptr, h_ptr, x_base, h_base, is_skip, plane_ok, rows, cols, H, W,
-                                  sxh, sxw, shh, shw)
-                mom_r, mom_i = _accumulate_moments(v, rows, cols, H, W, mom_r, mom_i, fidx, KY0, KX0, NY, NX)
-        for chunk in range(NUM_CHUNKS):
-            rows = rows0 + chunk * BLOCK_H
-            v, inside = _load_tile(x_ptr, h_ptr, x_base, h_base, is_skip, plane_ok, rows, cols, H, W,
-                                   sxh, sxw, shh, shw)
-            _finish_tile(v, inside, rows, cols, out_ptr, map_ptr, o_base, n, f, F, H, W, soh, sow, is_skip,
-                         in_window, b, g_hi, mom_r, mom_i, fidx, gain_delta, KY0_SIGNED, KX0_SIGNED, RADIUS_SQ,
-                         KY0, KX0, NY, NX, RADIAL, HAS_MAP, BLOCK_P, BLOCK_H, BLOCK_W)
-
-
-@triton.jit
-def _finish_tile(v, inside, rows, cols, out_ptr, map_ptr, o_base, n, f, F, H, W, soh, sow, is_skip,
-                 in_window, b, g_hi, mom_r, mom_i, fidx, gain_delta, KY0_SIGNED, KX0_SIGNED, RADIUS_SQ,
-                 KY0, KX0, NY: tl.constexpr, NX: tl.constexpr, RADIAL: tl.constexpr, HAS_MAP: tl.constexpr,
-                 BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Scale (backbone planes) or filter (skip planes) one tile and store it at its output channel."""
-    y = rows[None, :, None]
-    x = cols[None, None, :]
-    if HAS_MAP:
-        map_off = (n * F + f)[:, None, None] * (H * W) + y * W + x
-        scale = tl.load(map_ptr + map_off, mask=inside & in_window[:, None, None], other=1.0)
-    else:
-        scale = tl.where(in_window, b, 1.0)[:, None, None]
-    filtered = g_hi * v
-    if NY * NX > 0:
-        filtered += _lowrank_update(rows, cols, H, W, mom_r, mom_i, fidx, gain_delta,
-                                    KY0_SIGNED, KX0_SIGNED, RADIUS_SQ, KY0, KX0, NY, NX, RADIAL,
-                                    BLOCK_P, BLOCK_H, BLOCK_W)
-    result = tl.where(is_skip[:, None, None] != 0, filtered, v * scale)
-    o_off = o_base[:, None, None] + y * soh + x * sow
-    tl.store(out_ptr + o_off, _round_to_output(result, out_ptr.dtype.element_ty), mask=inside)
-
-
-def _logical_strides(t: torch.Tensor):
+def logical_strides(t) -> Tuple[int, int, int, int, int]:
     """(n, c, f, h, w) element strides; f's stride is 0 for a 4-D tensor (F = 1)."""
-    if t.dim() == 5:
-        return tuple(t.stride())
-    sn, sc, sh, sw = t.stride()
+    strides = tuple(t.stride())
+    if len(strides) == 5:
+        return strides
+    sn, sc, sh, sw = strides
     return sn, sc, 0, sh, sw
 
 
-def launch_config(spec: FreeUSpec, planes_contiguous: bool, min_programs: int = 512):
-    """Tile shape for one call: (BLOCK_P, BLOCK_H, BLOCK_W, NUM_CHUNKS, num_warps).
+def _planes_flat(strides, frames: int, height: int, width: int) -> bool:
+    """True when each (n, c) holds its F * H * W elements contiguously in (f, y, x) order."""
+    _, _, sf, sh, sw = strides
+    return ((width == 1 or sw == 1) and (height == 1 or sh == width)
+            and (frames == 1 or sf == height * width))
 
-    Planes that fit the tile are done in one sweep, several per program when small (8x8 SD1.5 planes)
-    while leaving ``min_programs`` programs to fill the GPU (the interpreter, which pays per program,
-    asks for 1). Larger planes are cut in row chunks. When planes are
-    adjacent in memory (channels_last: the plane axis has stride 1) a program takes 16 planes so its
-    loads are coalesced along channels.
+
+def _rows_flat(strides, height: int, width: int) -> bool:
+    """True when each plane is contiguous (row stride W, unit column stride)."""
+    _, _, _, sh, sw = strides
+    return (width == 1 or sw == 1) and (height == 1 or sh == width)
+
+
+def _channels_last(strides, frames: int, height: int, width: int) -> bool:
+    """True when channels are contiguous and all positions share one stride (channels_last(_3d))."""
+    _, sc, sf, sh, sw = strides
+    return sc == 1 and (height == 1 or sh == width * sw) and (frames == 1 or sf == height * width * sw)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """One call's launch: grid, num_warps, the kernel's runtime integers and its constexprs.
+
+    ``scalars`` and ``constexprs`` are keyword arguments of ``freeu_concat_kernel``; the pointers and the
+    three float scalars (b_val, s_val, high_gain) are added at launch. ``table_shape`` says which twiddle
+    table the kernel reads (see :func:`twiddle_table`).
     """
-    block_w = triton.next_power_of_2(max(1, spec.width))
-    block_h_full = triton.next_power_of_2(max(1, spec.height))
-    n_planes = spec.batch * spec.out_channels * spec.frames
-    min_planes = 16 if planes_contiguous else 1
-    if block_h_full * block_w * min_planes <= _TILE_ELEMENTS:
+
+    grid: Tuple[int]
+    num_warps: int
+    options: Dict[str, object]  # compile options of the launch (num_warps, fp fusion)
+    skip_programs: int
+    backbone_programs: int
+    skip_planes_per_program: int
+    skip_elements_per_program: int
+    backbone_elements_per_program: int
+    scalars: Dict[str, int]
+    constexprs: Dict[str, object]
+    table_shape: Tuple[int, int, int, int, bool]  # (block_w, hp, height, width, y axis first)
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+@functools.lru_cache(maxsize=256)
+def launch_plan(spec: FreeUSpec, x_strides, h_strides, out_strides, device_type: str,
+                factors_in_memory: bool, has_map: bool) -> LaunchPlan:
+    """The launch for one call, from metadata only (usable without tensors, e.g. by bench/codegen).
+
+    Skip planes: a program owns BLOCK_P consecutive channels of one (n, f); with channels_last (channel
+    stride 1) 8 of them, so accesses are vectors along channels. Planes whose tile fits
+    ``_SKIP_TILE_ELEMENTS`` are done in registers, several per program when small so each thread holds about
+    ``_ELEMENTS_PER_THREAD`` elements (one 32x32 plane per one-warp program, 16 8x8 planes); with
+    channels_last the tile is transposed so the first reduction runs over the axis held in registers.
+    Larger planes are swept in row chunks: channels_last with a small band keeps per-thread column sums,
+    everything else one-hot moments. The backbone is tiled (channels x positions) with the contiguous axis
+    last and 4 16-byte vectors per thread; num_warps is the skip tile's, shared by both roles.
+    """
+    height, width, frames = spec.height, spec.width, spec.frames
+    interpreted = device_type == "cpu"
+    band = spec.band
+    ny, nx = (0, 0) if band.empty else (band.ny, band.nx)
+    block_w = _pow2(width)
+    block_h_full = _pow2(height)
+    skip_channels_fast = h_strides[1] == 1 and out_strides[1] == 1 and spec.skip_channels > 1
+    min_planes = min(8, _pow2(spec.skip_channels)) if skip_channels_fast else 1
+    plane_tile = block_h_full * block_w
+    element_bytes = torch.empty((), dtype=spec.dtype).element_size()
+    num_warps = None
+    sweep = _IN_REGISTERS
+    if plane_tile * min_planes <= _SKIP_TILE_ELEMENTS:
         block_h, chunks = block_h_full, 1
-        fit = _TILE_ELEMENTS // (block_h * block_w)
-        block_p = max(min_planes, min(fit, triton.next_power_of_2(max(1, n_planes // min_programs))))
-        block_p = min(block_p, fit)
-    else:
+        fit = _SKIP_TILE_ELEMENTS // plane_tile
+        wanted = fit if interpreted else max(1, (32 * _ELEMENTS_PER_THREAD) // plane_tile)
+        block_p = max(min_planes, min(fit, wanted, _pow2(spec.skip_channels)))
+    elif skip_channels_fast and ny <= _STATIC_BAND_MAX:
+        # channels_last: one channel vector per thread, x across the lanes (and warps), each chunk's rows in
+        # registers; ~32 elements per thread per chunk.
+        sweep = _SWEEP_COLUMN_SUMS
         block_p = min_planes
-        block_h = max(1, min(block_h_full, _TILE_ELEMENTS // (block_w * block_p)))
-        chunks = triton.cdiv(spec.height, block_h)
-    tile = block_p * block_h * block_w
-    num_warps = 8 if tile >= 4096 else 4 if tile >= 512 else 1
-    return block_p, block_h, block_w, chunks, num_warps
+        lanes = max(1, (block_p * element_bytes) // 16) * block_w
+        num_warps = max(1, min(8, lanes // 32))
+        block_h = max(1, min(block_h_full, (32 * num_warps * _ELEMENTS_PER_THREAD) // (block_p * block_w)))
+        chunks = triton.cdiv(height, block_h)
+    else:
+        sweep = _SWEEP_ONE_HOT
+        block_p = min_planes
+        block_h = max(1, min(block_h_full, _SKIP_TILE_ELEMENTS // (block_w * block_p)))
+        chunks = triton.cdiv(height, block_h)
+    skip_tile = block_p * block_h * block_w
+    # With channels holding the lanes, the x axis takes more lanes than y: reduce over y first.
+    transpose = skip_channels_fast and sweep == _IN_REGISTERS and block_h > 1
+    if num_warps is None:
+        num_warps = max(1, min(8, skip_tile // (32 * _ELEMENTS_PER_THREAD)))
+    # A program's planes are consecutive channels of one (n, f).
+    skip_programs = spec.batch * frames * triton.cdiv(spec.skip_channels, block_p)
+
+    cx = spec.backbone_channels_total
+    n_positions = frames * height * width
+    backbone_tile = (_INTERPRETER_BACKBONE_TILE if interpreted
+                     else num_warps * 32 * (16 // element_bytes) * _BACKBONE_VECTORS_PER_THREAD)
+    if _planes_flat(x_strides, frames, height, width) and _planes_flat(out_strides, frames, height, width):
+        mode = BACKBONE_PLANES
+    elif (_channels_last(x_strides, frames, height, width) and _channels_last(out_strides, frames, height, width)
+          and cx > 1):
+        mode = BACKBONE_CHANNELS_LAST
+    else:
+        mode = BACKBONE_STRIDED
+    if mode == BACKBONE_CHANNELS_LAST:
+        block_c = min(_pow2(cx), 64)
+        block_q = max(1, min(_pow2(n_positions), backbone_tile // block_c))
+    else:
+        block_q = min(_pow2(n_positions), backbone_tile)
+        block_c = max(1, min(_pow2(cx), backbone_tile // block_q))
+    c_blocks, q_blocks = triton.cdiv(cx, block_c), triton.cdiv(n_positions, block_q)
+    backbone_programs = spec.batch * c_blocks * q_blocks if cx > 0 else 0
+
+    scalars = dict(
+        n_skip_programs=skip_programs, CX=cx, CH=spec.skip_channels, F=frames,
+        n_chunks=chunks, ny=ny, nx=nx, n_positions=n_positions, c_blocks=c_blocks, q_blocks=q_blocks,
+        WIN_START=spec.window[0], WIN_STOP=spec.window[1],
+        **dict(zip(("sxn", "sxc", "sxf", "sxh", "sxw"), x_strides)),
+        **dict(zip(("shn", "shc", "shf", "shh", "shw"), h_strides)),
+        **dict(zip(("son", "soc", "sof", "soh", "sow"), out_strides)),
+    )
+    constexprs = dict(
+        H=height, W=width, KY0=band.ky0, NY=ny, KX0=band.kx0, NX=nx,
+        NF=(_pow2(ny) if sweep == _SWEEP_COLUMN_SUMS else _pow2(ny * nx)) if sweep else 1,
+        RADIUS_SQ=band.radius_sq if band.radial else -1,
+        STATIC_BAND=max(ny, nx) <= _STATIC_BAND_MAX,
+        BLOCK_P=block_p, BLOCK_H=block_h, BLOCK_W=block_w, HP=block_h * chunks, SWEEP=sweep, TRANSPOSE=transpose,
+        FLAT=_rows_flat(h_strides, height, width) and _rows_flat(out_strides, height, width),
+        FULL_P=spec.skip_channels % block_p == 0, FULL_H=block_h * chunks == height, FULL_W=block_w == width,
+        BACKBONE_MODE=mode, BLOCK_C=block_c, BLOCK_Q=block_q,
+        BACKBONE_EVEN=cx % block_c == 0 and n_positions % block_q == 0,
+        HAS_MAP=has_map, FACTORS_IN_MEMORY=factors_in_memory, MANUAL_BF16=interpreted, ROLE=ROLE_BOTH,
+    )
+    return LaunchPlan(
+        grid=(skip_programs + backbone_programs,), num_warps=num_warps,
+        # FMA contraction stated, not left to the default (Triton 3.10 turns it off by default).
+        options=dict(num_warps=num_warps, enable_fp_fusion=True), skip_programs=skip_programs,
+        backbone_programs=backbone_programs, skip_planes_per_program=block_p,
+        skip_elements_per_program=block_p * height * width,
+        backbone_elements_per_program=block_c * block_q,
+        scalars=scalars, constexprs=constexprs,
+        table_shape=(block_w, block_h * chunks, height, width, transpose),
+    )
+
+
+def twiddle_table(band: FrequencyBand, table_shape, device) -> torch.Tensor:
+    """float32 [cos_x (nx, BW) | sin_x (nx, BW) | cos_y (ny, HP) | sin_y (ny, HP)], zero past W and H.
+
+    With ``y_first`` (the last entry of ``table_shape``) the y-axis half comes first.
+
+    Entry (j, x) is cos / sin of 2 pi r / W with r = (kx x) mod W the exact integer residue (kx = kx0 + j),
+    evaluated in float64, so large frequencies and positions lose nothing before the float32 rounding.
+    Built with torch ops on ``device`` (no host copy: safe under CUDA-graph capture).
+    """
+    block_w, hp, height, width, y_first = table_shape
+    ny, nx = (0, 0) if band.empty else (band.ny, band.nx)
+
+    def axis(k0: int, count: int, size: int, padded: int) -> torch.Tensor:
+        k = torch.arange(k0, k0 + count, device=device, dtype=torch.int64)[:, None]
+        pos = torch.arange(padded, device=device, dtype=torch.int64)[None, :]
+        angle = torch.remainder(k * pos, size).to(torch.float64) * (2.0 * math.pi / size)
+        live = (pos < size).to(torch.float64)
+        return torch.cat([(torch.cos(angle) * live).flatten(), (torch.sin(angle) * live).flatten()])
+
+    parts = [axis(band.kx0, nx, width, block_w), axis(band.ky0, ny, height, hp)]
+    if y_first:  # the kernel reduces over y first (TRANSPOSE)
+        parts.reverse()
+    table = torch.cat(parts).to(torch.float32)
+    return table if table.numel() else torch.zeros(1, dtype=torch.float32, device=device)
+
+
+_TABLES: Dict[tuple, torch.Tensor] = {}
+
+
+def _cached_table(band: FrequencyBand, table_shape, device: torch.device) -> torch.Tensor:
+    """twiddle_table, cached per (device, shape, band); under CUDA-graph capture built and not cached
+    (a captured kernel has not run yet, so a cached table would hold garbage for a later eager call)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return twiddle_table(band, table_shape, device)
+    key = (device, table_shape, band)
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLES[key] = twiddle_table(band, table_shape, device)
+    return table
 
 
 def fused_concat_triton(x, h, b, s, spec: FreeUSpec, scale_map=None) -> torch.Tensor:
-    """FreeU at one concat in one Triton launch (see the module docstring for the kernel)."""
+    """FreeU at one concat in one Triton launch (see triton_kernels.py for the kernel)."""
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; the triton backend takes {KERNEL_DTYPES}; use backend='torch'")
     out = allocate_output(x, spec.skip_channels)
-    n_planes = spec.batch * spec.out_channels * spec.frames
     if out.numel() == 0:
         return out
-    band = spec.band
-    ny, nx = (0, 0) if band.empty else (band.ny, band.nx)
     factors_in_memory = b.device == x.device and s.device == x.device
     if factors_in_memory:
         b_val = s_val = 0.0
     else:
         b_val, s_val = float(b.item()), float(s.item())  # CPU scalars: read on the host, no device sync
-    planes_contiguous = _logical_strides(x)[1] == 1 and _logical_strides(out)[1] == 1
-    min_programs = 1 if x.device.type == "cpu" else 512  # CPU tensors only run under the interpreter
-    block_p, block_h, block_w, chunks, num_warps = launch_config(spec, planes_contiguous, min_programs)
-    scale_map = scale_map.to(device=x.device, dtype=torch.float32).contiguous() if scale_map is not None else None
-    grid = (triton.cdiv(n_planes, block_p),)
-    _fused_concat_kernel[grid](
-        x, h, out, scale_map if scale_map is not None else x,
+    plan = launch_plan(spec, logical_strides(x), logical_strides(h), logical_strides(out), x.device.type,
+                       factors_in_memory, scale_map is not None)
+    if plan.grid[0] == 0:
+        return out
+    table = _cached_table(spec.band, plan.table_shape, x.device)
+    if scale_map is not None:
+        scale_map = scale_map.to(device=x.device, dtype=torch.float32).contiguous()
+    freeu_concat_kernel[plan.grid](
+        x, h, out, scale_map if scale_map is not None else x, table,
         b if factors_in_memory else x, s if factors_in_memory else x,
         b_val, s_val, spec.high_gain,
-        n_planes, spec.backbone_channels_total, spec.out_channels, spec.frames, spec.height, spec.width,
-        spec.window[0], spec.window[1],
-        *_logical_strides(x), *_logical_strides(h), *_logical_strides(out),
-        band.ky0, band.kx0, band.ky0 % max(1, spec.height), band.kx0 % max(1, spec.width),
-        band.radius_sq or 0,
-        NY=ny, NX=nx, NF=triton.next_power_of_2(max(1, ny * nx)), RADIAL=band.radial,
-        HAS_MAP=scale_map is not None, FACTORS_IN_MEMORY=factors_in_memory,
-        BLOCK_P=block_p, BLOCK_H=block_h, BLOCK_W=block_w, NUM_CHUNKS=chunks,
-        num_warps=num_warps,
+        **plan.scalars, **plan.constexprs, **plan.options,
     )
     return out

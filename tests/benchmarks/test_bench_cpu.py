@@ -6,7 +6,8 @@ Skipped by the default test run (pyproject's addopts has --benchmark-skip); run 
     PYTHONPATH=. pytest tests/benchmarks --benchmark-only [--benchmark-autosave | --benchmark-compare]
 
 The calls are the harness's own providers (bench/providers.py) on one thread, so these numbers and
-`python -m bench` time the same thing.
+`python -m bench` time the same thing. Each result's extra_info carries the host's instruction set, the
+call's peak extra memory and its aten op count (bench/memory.py), so a saved run says what it ran on.
 """
 
 import sys
@@ -20,6 +21,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.cases import Case  # noqa: E402
+from bench.environment import collect_environment  # noqa: E402
+from bench.memory import profile_call  # noqa: E402
 from bench.providers import all_providers, make_inputs  # noqa: E402
 
 SDXL_SHAPE = (2, 1280, 32, 32)
@@ -44,5 +47,9 @@ def test_sdxl_concat(benchmark, provider_name, dtype_name):
     provider = next(p for p in all_providers(device) if p.name == provider_name)
     call = provider.prepare(make_inputs(case, device)).call
     benchmark.group = f"sdxl 1280+1280@32x32 b2 {dtype_name}"
-    benchmark.extra_info.update(bytes_moved=case.bytes_moved, threads=torch.get_num_threads())
+    call()
+    profiled = profile_call(call, device)
+    benchmark.extra_info.update(bytes_moved=case.bytes_moved, threads=torch.get_num_threads(),
+                                isa=collect_environment(device)["isa"], peak_extra_bytes=profiled.peak_extra_bytes,
+                                aten_ops=profiled.aten_ops)
     benchmark.pedantic(call, warmup_rounds=2, rounds=15, iterations=1)
