@@ -8,7 +8,7 @@
 // Work items are (n, c, f) planes of the output, handed to the threads through an atomic counter:
 //   backbone plane:  out = x * scale, scale = b in the window (v1), the float32 map (v2), else a copy;
 //   skip plane:      the column moments, the masked coefficients and the update in two sweeps of the
-//                    plane, the second from cache (freeu_cpu_kernels.h has the math, DESIGN.md section 2).
+//                    plane, the second from cache (freeu_cpu_kernels.h has the math, docs/design.md section 2).
 // Each input element is read once and each output element written once; the arithmetic is 4 ny
 // multiply-adds per element in float32, in loops the compiler vectorises (-fopenmp-simd: no OpenMP
 // runtime is linked, so nothing clashes with torch's). The kernels are compiled for x86-64-v4 (AVX-512,

@@ -1,7 +1,7 @@
 // The plane kernels of freeu_cpu.cpp, included there once per instruction set inside
 // `namespace FREEU_CPU_NS` (no include guard on purpose). Not a public header.
 //
-// Skip plane, two sweeps (DESIGN.md section 2 in real arithmetic):
+// Skip plane, two sweeps (docs/design.md section 2 in real arithmetic):
 //   sweep 1, row y:  Vc_i += cos(2 pi ky_i y / H) h[y],  Vs_i += sin(...) h[y]   (vectors of W)
 //   per plane:       Scc_ij = Vc_i . cos_x_j,  Scs_ij = Vc_i . sin_x_j,  Ssc_ij = Vs_i . cos_x_j,  Sss_ij = Vs_i . sin_x_j
 //                    Qr = w g (Scc - Sss),  Qi = w g (Ssc + Scs)                    (g = (s - g_hi) / (H W))

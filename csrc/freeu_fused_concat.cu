@@ -776,8 +776,9 @@ __device__ void filter_sweeps(const KernelParams& p, const FilterSmem& sm, int g
 
 // One specialisation of the generic filter: V = 16-byte vectors or 1 (scalar), planes staged on chip or
 // swept twice, channels-last staging order (on chip only: a two-sweep block holds one plane, walked
-// through its strides), twiddles from shared tables (TAB = p.use_tab) or computed. Every loop is a runtime loop kept rolled (`unroll 1`): bench/codegen counts each
-// by its trip count from the launch plan.
+// through its strides), twiddles from shared tables (TAB = p.use_tab) or computed. Every loop is a
+// runtime loop kept rolled (`unroll 1`), one SASS loop per source loop: bench/codegen counts each by
+// its trip count from the launch plan (cuda_target._filter_iterations).
 template <typename T, int V, bool ON_CHIP, bool CL, bool TAB>
 __device__ void filter_variant(const KernelParams& p, int64_t task, unsigned char* smem) {
     const RoleParams& r = p.sk;

@@ -3,7 +3,7 @@
 Nothing here launches a kernel. Every backend (torch, triton, cuda) and the op registration read the
 same :class:`FreeUSpec`, so an input is validated once and described once.
 
-The filter is a low-rank correction (DESIGN.md section 2). Written per (n, c[, f]) plane of size H x W:
+The filter is a low-rank correction (docs/design.md section 2). Written per (n, c[, f]) plane of size H x W:
 
     h'[y, x] = g_hi * h[y, x] + (1 / (H W)) Re sum_{k in K} (g_k - g_hi) X(k) e^{+2 pi i (ky y / H + kx x / W)}
 

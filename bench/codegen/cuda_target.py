@@ -19,10 +19,19 @@ Loop trips per path (the paths of csrc/README.md). Flat (the backbone, and the s
 the register-tile filter are fully unrolled except, in the tile: the twiddle-table loop ((H + W) / 256 trips,
 the mean over a block's threads), the moment butterfly (log2 min(Tp, 32) levels) and the sum over a plane's
 warps (Tp / 32 when a plane spans several warps, else not entered). Loops are told apart by what they hold
-(shuffles; shared loads only; the rest), and a count that does not match raises. The generic paths (plane
-groups, the shared-memory and two-sweep filters: bands wider than 3 frequencies, channels-last planes of
-64x64 and up, planes of 128x128 and up, odd sizes) hold dozens of runtime loops whose trips this target does
-not model: such a row fails with that reason.
+(shuffles; shared loads only; the rest), and a count that does not match raises.
+
+The generic filter (the shared-memory and two-sweep paths: bands wider than 3 frequencies, channels-last
+planes of 64x64 and up, planes of 128x128 and up, odd sizes) is compiled per specialisation
+(``filter_variant<T, V, ON_CHIP, CL, TAB>``, the one the shipped kernel branches to) with every runtime loop
+kept rolled (``#pragma unroll 1`` in the shipped source too), so each source loop is one SASS loop. The SASS
+loops, nested by body containment in address order, are matched to the source's loop nest (_filter_nest; a
+loop must hold what its source does: a barrier, a shuffle, a global load or store) and a mismatch raises. Trips
+are each loop's iterations summed over every thread and block of the plan (the source's loop bounds
+evaluated in closed form from freeu_plan's lanes, tile rows, group size and table choice, checked against a
+literal thread-by-thread execution in tests/test_cuda_backend.py) divided by its parent's. Both sides of a
+branch inside a loop are counted (an upper bound). The generic elementwise path (plane groups, any strides:
+no report case takes it) is not counted: freeu_plan does not report its group size and rows per task.
 """
 
 from __future__ import annotations
@@ -360,7 +369,8 @@ def _filter_trips(instrs, plan: c_abi.PlanInfo, case: CodegenCase, V: int, on_ch
                                      channels, outer):
         for key, value in _filter_iterations(plan, H, W, g_eff, V, on_chip).items():
             totals[key] = totals.get(key, 0.0) + value * count
-    return _nest_trips(instrs, _filter_nest(on_chip, bool(plan.use_tab)), totals, f"filter ({'on chip' if on_chip else 'two sweeps'})")
+    where = f"filter ({'on chip' if on_chip else 'two sweeps'})"
+    return _nest_trips(instrs, _filter_nest(on_chip, bool(plan.use_tab)), totals, where)
 
 
 def _role(name: str, fn_name: str, text: str, trips, blocks: int, elements: int, note: str) -> RoleCode:

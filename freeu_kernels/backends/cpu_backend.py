@@ -1,5 +1,7 @@
 """The "cpu" backend: the fused C++ kernel of csrc/freeu_cpu.cpp on host threads, through ctypes.
 
+Design: docs/design.md section 7 and csrc/README.md (its CPU section).
+
 It is the CUDA kernel's C ABI (csrc/freeu_fused_concat.h, filled by c_abi.launch) implemented for the
 host: one call writes the whole output, each input element is read once and each output element written
 once, with the skip plane held in a float32 buffer between its moments and its update. It exists because

@@ -1,5 +1,7 @@
 """The "cuda" backend: the CUDA C++ kernel of csrc/ (one launch writes the whole output), through ctypes.
 
+Design: docs/design.md section 7 and csrc/README.md (phases, paths, register report).
+
 The kernel lives in a plain shared library, ``freeu_kernels/_lib/libfreeu_kernels_cuda.so``, built by
 setup.py with nvcc. It includes no torch header: one binary serves every torch and Python version, and
 this module hands it raw pointers, sizes, int64 strides and the current CUDA stream through the C ABI of

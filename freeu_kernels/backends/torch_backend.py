@@ -1,6 +1,6 @@
 """The "torch" backend: FreeU at one concat in plain PyTorch, no complex tensors on the low-rank path, any device.
 
-Math (DESIGN.md section 2, in real arithmetic). Per plane h (H x W), with twiddle tables
+Math (docs/design.md section 2, in real arithmetic). Per plane h (H x W), with twiddle tables
 ``Ey = [cos(2 pi ky y / H) | sin(2 pi ky y / H)]`` (H x 2ny) and ``Ex`` likewise (W x 2nx):
 
     M  = Ey^T h Ex                      (2ny x 2nx): Scc, Scs / Ssc, Sss for every grid frequency

@@ -1,5 +1,7 @@
 """The "triton" backend: the whole FreeU concat in ONE Triton launch (kernel: triton_kernels.py).
 
+Design: docs/design.md sections 2 and 7.
+
 This module is the launcher. :func:`launch_plan` computes, from the call's metadata alone (spec, strides,
 device type), everything the launch needs: the grid, num_warps, the kernel's runtime integers and its
 constexprs. The real launch and bench/codegen's Triton target both use it, so the code counted there is

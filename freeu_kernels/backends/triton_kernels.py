@@ -9,7 +9,7 @@ path alone for counting; the launcher always passes ``ROLE_BOTH``):
   ``scale = b`` on the window's channels and 1 elsewhere (version 2: the float32 map), 16-byte vectors,
   several per thread in flight. No filter work is spent on backbone elements.
 
-Skip filter math (DESIGN.md section 2). For the band's frequency (i, j), ky = KY0 + i, kx = KX0 + j, with
+Skip filter math (docs/design.md section 2). For the band's frequency (i, j), ky = KY0 + i, kx = KX0 + j, with
 separable twiddles ca_i(y) = cos 2 pi (ky y mod H) / H, sa_i(y) = sin ..., cb_j(x), sb_j(x) likewise on W,
 read from a float32 table the launcher builds once per (device, H, W, band):
 
