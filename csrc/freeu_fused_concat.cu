@@ -52,6 +52,7 @@ constexpr int kPathPlanes = FREEU_PATH_PLANES;      // elementwise over plane gr
 constexpr int kPathTile = FREEU_PATH_TILE;          // filter, planes held in registers
 constexpr int kPathOnChip = FREEU_PATH_ON_CHIP;     // filter, planes staged in shared memory
 constexpr int kPathTwoSweep = FREEU_PATH_TWO_SWEEP; // filter, two sweeps over global memory
+constexpr int kPathClVectors = FREEU_PATH_CL_VECTORS; // filter, channels-last channel vectors x pixels
 
 // ------------------------------------------------------------------------------------------------
 // Parameters (computed on the host by plan(), read from the kernel's constant parameter space).
@@ -141,6 +142,10 @@ struct KernelParams {
     uint32_t kx_res, ky_res;   // kx0 mod W, ky0 mod H
     uint32_t tile_mask;        // bit i NF + j: frequency (ky0 + i, kx0 + j) is inside the mask
     double inv_area;           // 1 / (H W)
+    // Channel-vector filter (skip path kPathClVectors; lanes_row / lanes_col: lanes per row / per moment).
+    int32_t clv_log2_vecs;     // log2 of the 16-byte channel vectors a block covers per pixel (0 or 1)
+    int32_t clv_log2_lpr, clv_log2_lc;  // log2 lanes_row, log2 lanes_col
+    FastDiv clv_groups;        // blocks per (n, f): C / (V << clv_log2_vecs)
     FastDiv div_f, div_c;      // plane -> (n, c, f) of the skip role
 };
 
@@ -1180,21 +1185,231 @@ __device__ __forceinline__ void tile_variant(const KernelParams& p, int64_t task
     else tile_filter_task<T, NF, CENTRED>(p, task, smem);
 }
 
-template <typename T>
-__device__ void tile_dispatch(const KernelParams& p, int64_t task, unsigned char* smem) {
+// ------------------------------------------------------------------------------------------------
+// The channel-vector filter: channels-last planes the register tile cannot stage (64x64 and up), bands of
+// nx = ny = NF <= kTileMaxFreq. One block per (n, f, CV 16-byte channel vectors = CH channels).
+// ------------------------------------------------------------------------------------------------
+
+// Thread (pixel lane l, vector s) reads channel vector s of pixels of row y = pass + l / LPR, columns
+// x = l mod LPR + m LPR: a warp reads 32 / CV pixels x 16 CV contiguous bytes (CV = 2: whole sectors).
+//   sweep 1: row sums Cr_j, Sr_j of the thread's columns in registers (kClvUnroll loads in flight), a
+//            butterfly over the row's LPR lanes, stored per (y, j, channel) in shared memory;
+//   moments: (R_ij, I_ij) per channel by lane groups over the rows, weighted: Q_ij;
+//   updates: (Uc_j[y], Us_j[y]) per channel, overwriting the row sums;
+//   sweep 2: the pixels are read again (from L2: the block read them a moment ago) and
+//            out = g_hi h + sum_j Uc_j cos(bx_j) + Us_j sin(bx_j) written as 16-byte vectors.
+// Twiddles come from tile_tables (exact residues); a CENTRED band's frequency-0 terms are additions.
+// Walks a row's pixels x = xl + m lpr < W (one thread's columns), U 16-byte loads issued before any is
+// used, and calls use(vector, x) for each pixel in order.
+template <typename T, int V, int U, typename Use>
+__device__ __forceinline__ void clvec_row(const T* row, uint32_t xl, uint32_t lpr, uint32_t W, int64_t sp,
+                                          Use&& use) {
+#pragma unroll 1
+    for (uint32_t x0 = xl; x0 < W; x0 += lpr * U) {
+        Pack<T, V> in[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const uint32_t x = x0 + u * lpr;
+            if (x < W) in[u] = *reinterpret_cast<const Pack<T, V>*>(row + x * sp);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const uint32_t x = x0 + u * lpr;
+            if (x < W) use(in[u], x);
+        }
+    }
+}
+
+template <typename T, int NF, bool CENTRED>
+__device__ void clvec_filter_task(const KernelParams& p, int64_t task, unsigned char* smem) {
+    constexpr int V = 16 / sizeof(T);
+    constexpr int Z = CENTRED ? NF / 2 : -1;  // index of frequency 0 on both axes
+    // 16-byte pixel loads in flight per thread: 8 (128 bytes) for float; 4 for 16-bit types, whose 8
+    // channels per vector need twice the row-sum registers (8 spill in bfloat16 at 128 registers).
+    constexpr int kClvUnroll = V == 8 ? 4 : 8;
+    const RoleParams& r = p.sk;
+    const T* __restrict__ src = static_cast<const T*>(r.src);
+    T* __restrict__ dst = static_cast<T*>(r.dst);
+    const uint32_t t32 = static_cast<uint32_t>(task);
+    const uint32_t nf = fast_div(t32, p.clv_groups);  // (n, f) of the block, then its channel group
+    const uint32_t cg = t32 - nf * p.clv_groups.d;
+    const uint32_t n = fast_div(nf, p.div_f), f = nf - n * p.div_f.d;
+    const int log2cv = p.clv_log2_vecs, log2ch = log2cv + (V == 8 ? 3 : 2);
+    const uint32_t CH = 1u << log2ch;
+    const uint32_t sub = threadIdx.x & ((1u << log2cv) - 1u);
+    const uint32_t lane_px = threadIdx.x >> log2cv;
+    const uint32_t lpr = static_cast<uint32_t>(p.lanes_row);
+    const uint32_t xl = lane_px & (lpr - 1u), row_in_pass = lane_px >> p.clv_log2_lpr;
+    const uint32_t rows_per_pass = (static_cast<uint32_t>(kThreads) >> log2cv) >> p.clv_log2_lpr;
+    const uint32_t c_own = sub * V;  // the thread's first channel within the block
+    src += n * r.ss[0] + f * r.ss[2] + static_cast<int64_t>(cg) * CH + c_own;
+    dst += n * r.ds[0] + f * r.ds[2] + static_cast<int64_t>(cg) * CH + c_own;
+    const int64_t sp = r.ss[4], dp = r.ds[4];  // pixel q = y W + x at q * stride (dense rows: plan)
+    const uint32_t H = static_cast<uint32_t>(p.H), W = static_cast<uint32_t>(p.W);
+    float2* tx = reinterpret_cast<float2*>(smem);
+    const float2* ty = tx + NF * W;
+    float2* rs = reinterpret_cast<float2*>(smem + tile_tables<NF, CENTRED>(p, tx));  // [y][j][c]
+    float2* q = rs + H * NF * CH;                                                    // [i][j][c]
+    __syncthreads();  // the tables
+    // Sweep 1: row sums.
+#pragma unroll 1
+    for (uint32_t y0 = 0; y0 < H; y0 += rows_per_pass) {  // block-uniform: the butterflies stay converged
+        const uint32_t y = y0 + row_in_pass;
+        float c[NF][V], s[NF][V];
+#pragma unroll
+        for (int j = 0; j < NF; ++j)
+#pragma unroll
+            for (int e = 0; e < V; ++e) c[j][e] = s[j][e] = 0.0f;
+        if (y < H) {
+            clvec_row<T, V, kClvUnroll>(src + static_cast<int64_t>(y) * W * sp, xl, lpr, W, sp,
+                                        [&](const Pack<T, V>& in, uint32_t x) {
+#pragma unroll
+                for (int j = 0; j < NF; ++j) {
+                    if (j == Z) {
+#pragma unroll
+                        for (int e = 0; e < V; ++e) c[j][e] += Cvt<T>::in(in.e[e]);
+                    } else {
+                        const float2 t = tx[j * W + x];
+#pragma unroll
+                        for (int e = 0; e < V; ++e) {
+                            const float hv = Cvt<T>::in(in.e[e]);
+                            c[j][e] = fmaf(hv, t.x, c[j][e]);
+                            s[j][e] = fmaf(hv, t.y, s[j][e]);
+                        }
+                    }
+                }
+            });
+        }
+#pragma unroll 1
+        for (uint32_t off = lpr >> 1; off > 0; off >>= 1) {  // the row's lanes: xor offsets CV .. CV LPR / 2
+#pragma unroll
+            for (int j = 0; j < NF; ++j)
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    c[j][e] += __shfl_xor_sync(0xffffffffu, c[j][e], static_cast<int>(off << log2cv));
+                    if (j != Z) s[j][e] += __shfl_xor_sync(0xffffffffu, s[j][e], static_cast<int>(off << log2cv));
+                }
+        }
+        if (y < H && xl == 0) {
+#pragma unroll
+            for (int j = 0; j < NF; ++j)
+#pragma unroll
+                for (int e = 0; e < V; ++e)
+                    rs[(y * NF + j) * CH + c_own + e] = make_float2(c[j][e], j == Z ? 0.0f : s[j][e]);
+        }
+    }
+    __syncthreads();
+    // Moments: item (i, j, channel) = (i NF + j) CH + c, summed over the rows by lanes_col lanes.
+    {
+        const uint32_t items = NF * NF * CH;
+        const uint32_t lc = static_cast<uint32_t>(p.lanes_col), groups = kThreads >> p.clv_log2_lc;
+        const uint32_t gid = threadIdx.x >> p.clv_log2_lc, subc = threadIdx.x & (lc - 1u);
+        const uint32_t iters = (items + groups - 1) / groups;
+        const float wscale = static_cast<float>((static_cast<double>(read_factor(p.s)) -
+                                                 static_cast<double>(p.high_gain)) * p.inv_area);
+#pragma unroll 1
+        for (uint32_t it = 0; it < iters; ++it) {
+            const uint32_t item = gid + it * groups;
+            const bool valid = item < items;
+            const uint32_t ch = item & (CH - 1u), ij = item >> log2ch;
+            const uint32_t i = ij / NF, j = ij - i * NF;
+            float re = 0.0f, im = 0.0f;
+            if (valid) {
+#pragma unroll 1
+                for (uint32_t yy = subc; yy < H; yy += lc) {
+                    const float2 cs = rs[(yy * NF + j) * CH + ch];
+                    const float2 t = static_cast<int>(i) == Z ? make_float2(1.0f, 0.0f) : ty[i * H + yy];
+                    re = fmaf(cs.x, t.x, fmaf(-cs.y, t.y, re));
+                    im = fmaf(cs.y, t.x, fmaf(cs.x, t.y, im));
+                }
+            }
+#pragma unroll 1
+            for (uint32_t off = lc >> 1; off > 0; off >>= 1) {
+                re += __shfl_xor_sync(0xffffffffu, re, static_cast<int>(off));
+                im += __shfl_xor_sync(0xffffffffu, im, static_cast<int>(off));
+            }
+            if (valid && subc == 0) {
+                const float w = (p.tile_mask >> ij) & 1u ? wscale : 0.0f;  // bit i NF + j
+                q[item] = make_float2(w * re, w * im);
+            }
+        }
+    }
+    __syncthreads();
+    // Row updates (Uc_j[y], Us_j[y]) per channel, over the row sums (consumed above).
+#pragma unroll 1
+    for (uint32_t item = threadIdx.x; item < H * NF * CH; item += kThreads) {
+        const uint32_t ch = item & (CH - 1u), yj = item >> log2ch;
+        const uint32_t y = yj / NF, j = yj - y * NF;
+        float uc = 0.0f, us = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NF; ++i) {
+            const float2 qi = q[(i * NF + j) * CH + ch];
+            const float2 t = i == Z ? make_float2(1.0f, 0.0f) : ty[i * H + y];
+            uc = fmaf(qi.x, t.x, fmaf(qi.y, t.y, uc));
+            us = fmaf(qi.y, t.x, fmaf(-qi.x, t.y, us));
+        }
+        rs[item] = make_float2(uc, us);
+    }
+    __syncthreads();
+    // Sweep 2: the write.
+    const float ghi = p.high_gain;
+#pragma unroll 1
+    for (uint32_t y0 = 0; y0 < H; y0 += rows_per_pass) {
+        const uint32_t y = y0 + row_in_pass;
+        if (y >= H) continue;
+        float2 upd[NF][V];
+#pragma unroll
+        for (int j = 0; j < NF; ++j)
+#pragma unroll
+            for (int e = 0; e < V; ++e) upd[j][e] = rs[(y * NF + j) * CH + c_own + e];
+        T* out_row = dst + static_cast<int64_t>(y) * W * dp;
+        clvec_row<T, V, kClvUnroll>(src + static_cast<int64_t>(y) * W * sp, xl, lpr, W, sp,
+                                    [&](const Pack<T, V>& in, uint32_t x) {
+            float acc[V];
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[e] = ghi * Cvt<T>::in(in.e[e]);
+#pragma unroll
+            for (int j = 0; j < NF; ++j) {
+                if (j == Z) {
+#pragma unroll
+                    for (int e = 0; e < V; ++e) acc[e] += upd[j][e].x;
+                } else {
+                    const float2 t = tx[j * W + x];
+#pragma unroll
+                    for (int e = 0; e < V; ++e) acc[e] = fmaf(upd[j][e].x, t.x, fmaf(upd[j][e].y, t.y, acc[e]));
+                }
+            }
+            Pack<T, V> o;
+#pragma unroll
+            for (int e = 0; e < V; ++e) o.e[e] = Cvt<T>::out(acc[e]);
+            *reinterpret_cast<Pack<T, V>*>(out_row + x * dp) = o;
+        });
+    }
+}
+
+template <typename T, int NF, bool CENTRED, bool CLVEC>
+__device__ __forceinline__ void band_task(const KernelParams& p, int64_t task, unsigned char* smem) {
+    if (CLVEC) clvec_filter_task<T, NF, CENTRED>(p, task, smem);
+    else tile_variant<T, NF, CENTRED>(p, task, smem);
+}
+
+// The register-tile (CLVEC false) and channel-vector filters are compiled per band: NF = nx = ny
+// frequencies per axis, centred (frequency 0 at index NF / 2 of both axes) or not.
+template <typename T, bool CLVEC>
+__device__ void band_dispatch(const KernelParams& p, int64_t task, unsigned char* smem) {
     const bool centred = p.kx0 == -(p.nx / 2) && p.ky0 == -(p.ny / 2);
     switch (p.nx) {
         case 1:
-            if (centred) tile_variant<T, 1, true>(p, task, smem);
-            else tile_variant<T, 1, false>(p, task, smem);
+            if (centred) band_task<T, 1, true, CLVEC>(p, task, smem);
+            else band_task<T, 1, false, CLVEC>(p, task, smem);
             break;
         case 2:
-            if (centred) tile_variant<T, 2, true>(p, task, smem);
-            else tile_variant<T, 2, false>(p, task, smem);
+            if (centred) band_task<T, 2, true, CLVEC>(p, task, smem);
+            else band_task<T, 2, false, CLVEC>(p, task, smem);
             break;
         default:
-            if (centred) tile_variant<T, 3, true>(p, task, smem);
-            else tile_variant<T, 3, false>(p, task, smem);
+            if (centred) band_task<T, 3, true, CLVEC>(p, task, smem);
+            else band_task<T, 3, false, CLVEC>(p, task, smem);
             break;
     }
 }
@@ -1213,8 +1428,9 @@ __global__ void __launch_bounds__(kThreads, 2) freeu_fused_concat_kernel(const _
     const int64_t task = blockIdx.x;
     if (task < p.sk.tasks) {
         switch (p.sk.path) {
-            case kPathTile: tile_dispatch<T>(p, task, smem); break;
+            case kPathTile: band_dispatch<T, false>(p, task, smem); break;
             case kPathFlat: flat_dispatch<T>(p, p.sk, 1, task); break;
+            case kPathClVectors: band_dispatch<T, true>(p, task, smem); break;
             case kPathPlanes: elementwise_task<T>(p, p.sk, 1, task, smem); break;
             default: filter_task<T>(p, task, smem); break;
         }
@@ -1242,6 +1458,11 @@ template <typename T, int V, bool ON_CHIP, bool CL, bool TAB>
 __global__ void __launch_bounds__(kThreads, 2) codegen_skip_filter(const __grid_constant__ KernelParams p) {
     extern __shared__ __align__(16) unsigned char smem[];
     filter_variant<T, V, ON_CHIP, CL, TAB>(p, blockIdx.x, smem);
+}
+template <typename T, int NF, bool CENTRED>
+__global__ void __launch_bounds__(kThreads, 2) codegen_skip_clvec(const __grid_constant__ KernelParams p) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    clvec_filter_task<T, NF, CENTRED>(p, blockIdx.x, smem);
 }
 template <typename T, bool CL, bool V2>
 __global__ void __launch_bounds__(kThreads, 2) codegen_flat(const __grid_constant__ KernelParams p) {
@@ -1286,6 +1507,12 @@ __global__ void __launch_bounds__(kThreads, 2) codegen_planes_skip(const __grid_
     template __global__ void codegen_skip_filter<T, 1, true, true, false>(const __grid_constant__ KernelParams); \
     template __global__ void codegen_skip_filter<T, 16 / sizeof(T), false, false, false>(const __grid_constant__ KernelParams); \
     template __global__ void codegen_skip_filter<T, 1, false, false, false>(const __grid_constant__ KernelParams); \
+    template __global__ void codegen_skip_clvec<T, 1, false>(const __grid_constant__ KernelParams); \
+    template __global__ void codegen_skip_clvec<T, 1, true>(const __grid_constant__ KernelParams); \
+    template __global__ void codegen_skip_clvec<T, 2, false>(const __grid_constant__ KernelParams); \
+    template __global__ void codegen_skip_clvec<T, 2, true>(const __grid_constant__ KernelParams); \
+    template __global__ void codegen_skip_clvec<T, 3, false>(const __grid_constant__ KernelParams); \
+    template __global__ void codegen_skip_clvec<T, 3, true>(const __grid_constant__ KernelParams); \
     template __global__ void codegen_flat<T, false, false>(const __grid_constant__ KernelParams);                    \
     template __global__ void codegen_flat<T, false, true>(const __grid_constant__ KernelParams);                     \
     template __global__ void codegen_flat<T, true, false>(const __grid_constant__ KernelParams);                     \
@@ -1526,6 +1753,21 @@ bool plan_flat(const FreeuFusedConcatArgs& a, KernelParams& kp, RoleParams& r, c
     return true;
 }
 
+// The band of the register-tile and channel-vector filters: first residues, the mask bits, 1 / (H W), F.
+void plan_band(const FreeuFusedConcatArgs& a, KernelParams& kp) {
+    const int64_t kx_res = ((a.kx0 % a.w) + a.w) % a.w, ky_res = ((a.ky0 % a.h) + a.h) % a.h;
+    kp.kx_res = static_cast<uint32_t>(kx_res);
+    kp.ky_res = static_cast<uint32_t>(ky_res);
+    kp.tile_mask = 0;
+    for (int i = 0; i < a.ny; ++i)
+        for (int j = 0; j < a.nx; ++j) {
+            const int64_t ky = int64_t(a.ky0) + i, kx = int64_t(a.kx0) + j;
+            if (!a.radial || ky * ky + kx * kx < a.radius_sq) kp.tile_mask |= 1u << (i * a.nx + j);
+        }
+    kp.inv_area = 1.0 / (static_cast<double>(a.h) * static_cast<double>(a.w));
+    kp.div_f = make_fastdiv(static_cast<uint32_t>(a.f));
+}
+
 // Register-tile filter plan (contiguous rows of 16-byte vectors, nx = ny <= kTileMaxFreq); false: not applicable.
 bool plan_tile(const FreeuFusedConcatArgs& a, KernelParams& kp, int V, int elem_size, int64_t& smem_need) {
     RoleParams& r = kp.sk;
@@ -1555,17 +1797,7 @@ bool plan_tile(const FreeuFusedConcatArgs& a, KernelParams& kp, int V, int elem_
     kp.tile_threads = static_cast<int32_t>(Tp);
     kp.tile_log2_threads = log2;
     kp.tile_planes = static_cast<int32_t>(kThreads / Tp);
-    const int64_t kx_res = ((a.kx0 % a.w) + a.w) % a.w, ky_res = ((a.ky0 % a.h) + a.h) % a.h;
-    kp.kx_res = static_cast<uint32_t>(kx_res);
-    kp.ky_res = static_cast<uint32_t>(ky_res);
-    kp.tile_mask = 0;
-    for (int i = 0; i < a.ny; ++i)
-        for (int j = 0; j < a.nx; ++j) {
-            const int64_t ky = int64_t(a.ky0) + i, kx = int64_t(a.kx0) + j;
-            if (!a.radial || ky * ky + kx * kx < a.radius_sq) kp.tile_mask |= 1u << (i * a.nx + j);
-        }
-    kp.inv_area = 1.0 / (static_cast<double>(a.h) * static_cast<double>(a.w));
-    kp.div_f = make_fastdiv(static_cast<uint32_t>(a.f));
+    plan_band(a, kp);
     r.path = kPathTile;
     r.G = kp.tile_planes;
     r.rows = static_cast<int32_t>(a.h);
@@ -1578,6 +1810,46 @@ bool plan_tile(const FreeuFusedConcatArgs& a, KernelParams& kp, int V, int elem_
         kp.div_c = make_fastdiv(static_cast<uint32_t>(r.channels));
         r.tasks = ceil_div(r.planes, r.G);
     }
+    smem_need = std::max(smem_need, bytes);
+    return true;
+}
+
+// Channel-vector filter plan (channels-last, 16-byte channel vectors, nx = ny <= kTileMaxFreq, dense pixel
+// rows); false: not applicable. Tried after the register tile, which takes the planes it can stage.
+bool plan_clvec(const FreeuFusedConcatArgs& a, KernelParams& kp, int V, int64_t& smem_need) {
+    RoleParams& r = kp.sk;
+    if (!kp.cl || !r.vec || a.nx != a.ny || a.nx < 1 || a.nx > kTileMaxFreq) return false;
+    if (a.h > 1 && (r.ss[3] != a.w * r.ss[4] || r.ds[3] != a.w * r.ds[4])) return false;
+    const int64_t P = a.h * a.w;
+    if (P >= kIndex31 || P * std::max(r.ss[4], r.ds[4]) >= (int64_t(1) << 62)) return false;
+    const int log2cv = r.channels % (2 * V) == 0 ? 1 : 0;  // two vectors per pixel: whole 32-byte sectors
+    const int64_t CH = int64_t(V) << log2cv, NF = a.nx;
+    const int64_t groups = r.channels / CH, tasks = a.n * a.f * groups;
+    if (tasks >= kIndex31) return false;
+    const int64_t bytes = align16(8 * NF * (a.w + a.h)) + 8 * a.h * NF * CH + 8 * NF * NF * CH;
+    if (bytes > kSmemBudget) return false;
+    // Lanes per row: about 8 pixels per lane, all of a row's lanes in one warp.
+    int64_t lpr = pow2_lanes(ceil_div(a.w, 8));
+    lpr = std::min<int64_t>(lpr, 32 >> log2cv);
+    int log2 = 0;
+    while ((int64_t(1) << log2) < lpr) ++log2;
+    kp.lanes_row = static_cast<int32_t>(lpr);
+    kp.clv_log2_lpr = log2;
+    // Lanes per moment: as many as keep every (i, j, channel) item in one pass of the block (<= 32).
+    int64_t lc = 1;
+    while (lc < 32 && NF * NF * CH * lc * 2 <= kThreads) lc <<= 1;
+    log2 = 0;
+    while ((int64_t(1) << log2) < lc) ++log2;
+    kp.lanes_col = static_cast<int32_t>(lc);
+    kp.clv_log2_lc = log2;
+    kp.clv_log2_vecs = log2cv;
+    kp.clv_groups = make_fastdiv(static_cast<uint32_t>(groups));
+    plan_band(a, kp);
+    r.path = kPathClVectors;
+    r.G = static_cast<int32_t>(CH);
+    r.rows = static_cast<int32_t>(a.h);
+    r.row_chunks = 1;
+    r.tasks = tasks;
     smem_need = std::max(smem_need, bytes);
     return true;
 }
@@ -1698,7 +1970,8 @@ int make_plan(const FreeuFusedConcatArgs* args, KernelParams& kp, int64_t& block
     if (a.ch > 0) {
         init_role(a, kp.sk, a.skip, a.out_skip, a.ch, V, cl);
         if (filter) {
-            if (!plan_tile(a, kp, V, elem_size, smem) && !plan_filter(a, kp, V, elem_size, num_sms, smem))
+            if (!plan_tile(a, kp, V, elem_size, smem) && !plan_clvec(a, kp, V, smem) &&
+                !plan_filter(a, kp, V, elem_size, num_sms, smem))
                 return FREEU_ERR_TOO_LARGE;
         } else if (!plan_flat(a, kp, kp.sk, a.skip, a.out_skip, a.ch, V, 1)) {
             plan_elementwise(a, kp, kp.sk, V, num_sms, smem);

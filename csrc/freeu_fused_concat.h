@@ -76,6 +76,7 @@ typedef struct FreeuFusedConcatArgs {
 #define FREEU_PATH_TILE 3      /* skip filter, each plane held in registers (contiguous rows, small bands) */
 #define FREEU_PATH_ON_CHIP 4   /* skip filter, groups of planes staged in shared memory */
 #define FREEU_PATH_TWO_SWEEP 5 /* skip filter, one plane per block, two sweeps over global memory */
+#define FREEU_PATH_CL_VECTORS 6 /* skip filter, channels-last: channel vectors x pixels, two sweeps */
 
 /* The launch plan freeu_fused_concat computes for some arguments (host only: nothing is launched). It is
  * what a GPU-less analysis (bench/codegen) needs to count the compiled code exactly as it would run. */

@@ -110,6 +110,14 @@ CASES = [
     ("long_row_no_table", (1, 2, 1, 3100), 2, torch.float32, "contiguous", dict(threshold=2)),
     ("long_col_no_table", (1, 1, 3080, 3), 2, torch.float16, "contiguous", dict(threshold=2, mask="radial")),
     ("row_over_65536", (1, 1, 1, 70001), 1, torch.float32, "contiguous", dict(threshold=3)),
+    # The channels-last channel-vector filter (planes the register tile cannot stage): two 16-byte vectors
+    # per pixel at 64x64 (the SDXL shape, 2 x 2 centred band), odd planes with partial passes, one vector
+    # per pixel in 5-D with the v2 map, a 3 x 3 radial band over 3 channel groups, an uncentred frequency.
+    ("clvec_f16_64", (1, 16, 64, 64), 16, torch.float16, "channels_last", {}),
+    ("clvec_odd_f32", (2, 4, 5, 7), 8, torch.float32, "channels_last", dict(high_gain=0.9)),
+    ("clvec_five_d", (1, 8, 3, 5, 5), 8, torch.bfloat16, "channels_last", dict(version=2)),
+    ("clvec_radial_t2", (1, 8, 12, 12), 24, torch.float16, "channels_last", dict(threshold=2, mask="radial")),
+    ("clvec_uncentred", (1, 8, 4, 4), 8, torch.float16, "channels_last", dict(threshold=3)),
 ]
 
 
@@ -201,6 +209,11 @@ EXPECTED_PATHS = {
     "cl_scalar_f32": ("on_chip", "planes"),
     "odd7x5_t2": ("on_chip", "planes"),
     "long_col_no_table": ("two_sweep", "planes"),
+    "clvec_f16_64": ("cl_vectors", "flat"),
+    "clvec_odd_f32": ("cl_vectors", "flat"),
+    "clvec_five_d": ("cl_vectors", "flat"),
+    "clvec_radial_t2": ("cl_vectors", "flat"),
+    "clvec_uncentred": ("cl_vectors", "flat"),
 }
 
 
@@ -458,4 +471,49 @@ def test_codegen_filter_trip_counts_match_the_loops(H, W, g_eff, V, on_chip, til
     plan = SimpleNamespace(nx=5, ny=3, lanes_row=lanes[0], lanes_col=lanes[1], tile_rows=tile, use_tab=use_tab)
     closed = {key: value for key, value in _filter_iterations(plan, H, W, g_eff, V, on_chip).items() if value}
     literal = {key: value for key, value in _literal_filter_iterations(plan, H, W, g_eff, V, on_chip).items() if value}
+    assert closed == literal
+
+
+def _literal_clvec_iterations(plan, H, W, V):
+    """clvec_filter_task's loop bounds executed literally, thread by thread (see above)."""
+    T, nf, ch, lpr, lc = 256, plan.nx, plan.skip_planes_per_block, plan.lanes_row, plan.lanes_col
+    cv = ch // V
+    rows_per_pass, groups = T // cv // lpr, T // lc
+    items = nf * nf * ch
+    count = {}
+
+    def hit(key, n=1):
+        count[key] = count.get(key, 0) + n
+
+    for t in range(T):
+        hit("root")
+        hit("tables", len(range(t, W + H, T)))
+        xl, row = (t // cv) % lpr, (t // cv) // lpr
+        for sweep, inner in (("sweep1", "row_x"), ("sweep2", "write_x")):
+            for y0 in range(0, H, rows_per_pass):
+                hit(sweep)
+                if sweep == "sweep1":
+                    hit("row_shfl", int(math.log2(lpr)))
+                if y0 + row < H:
+                    hit(inner, len(range(xl, W, lpr * (4 if V == 8 else 8))))
+        for it in range(-(-items // groups)):
+            hit("col_it")
+            hit("col_shfl", int(math.log2(lc)))
+            if t // lc + it * groups < items:
+                hit("col_y", len(range(t % lc, H, lc)))
+        hit("upd_item", len(range(t, H * nf * ch, T)))
+    return count
+
+
+@pytest.mark.parametrize("H,W,V,ch,nf,lpr,lc", [(64, 64, 8, 16, 2, 8, 4), (5, 7, 4, 8, 2, 1, 8),
+                                                 (12, 12, 8, 8, 3, 2, 16)],
+                         ids=["sdxl64_f16", "odd_f32", "radial_3x3"])
+def test_codegen_clvec_trip_counts_match_the_loops(H, W, V, ch, nf, lpr, lc):
+    from types import SimpleNamespace
+
+    from bench.codegen.cuda_target import _clvec_iterations
+
+    plan = SimpleNamespace(nx=nf, skip_planes_per_block=ch, lanes_row=lpr, lanes_col=lc)
+    closed = {key: value for key, value in _clvec_iterations(plan, H, W, V).items() if value}
+    literal = {key: value for key, value in _literal_clvec_iterations(plan, H, W, V).items() if value}
     assert closed == literal

@@ -338,6 +338,19 @@ def test_enabling_again_updates_factors_in_place(sd):
     assert sd.unet._freeu_kernels_state is not state, "new options re-install"
 
 
+def test_enabled_under_inference_mode_then_updated_and_differentiated_outside(sd):
+    """Scripts enable FreeU inside torch.inference_mode(); the factor tensors must still take an in-place
+    update and be saved for backward once outside it."""
+    with torch.inference_mode():
+        enable_freeu(sd.unet, **SD15)
+    enable_freeu(sd.unet, b1=1.1, b2=1.2, s1=0.5, s2=0.5)  # in place (same options)
+    assert float(sd.unet._freeu_kernels_state.factor_tensors[0][0]) == pytest.approx(1.1)
+    sample = sd.inputs["sample"].clone().requires_grad_(True)
+    inputs = dict(sd.inputs, sample=sample)
+    sd.unet(timestep=torch.tensor(500), **inputs).sample.square().sum().backward()
+    assert sample.grad is not None and sample.grad.abs().sum() > 0
+
+
 def test_gradients_match_diffusers_under_gradient_checkpointing(sd, monkeypatch):
     checkpointed = []
     sd.unet.enable_gradient_checkpointing()

@@ -22,16 +22,18 @@ warps (Tp / 32 when a plane spans several warps, else not entered). Loops are to
 (shuffles; shared loads only; the rest), and a count that does not match raises.
 
 The generic filter (the shared-memory and two-sweep paths: bands wider than 3 frequencies, channels-last
-planes of 64x64 and up, planes of 128x128 and up, odd sizes) is compiled per specialisation
-(``filter_variant<T, V, ON_CHIP, CL, TAB>``, the one the shipped kernel branches to) with every runtime loop
-kept rolled (``#pragma unroll 1`` in the shipped source too), so each source loop is one SASS loop. The SASS
-loops, nested by body containment in address order, are matched to the source's loop nest (_filter_nest; a
-loop must hold what its source does: a barrier, a shuffle, a global load or store) and a mismatch raises. Trips
-are each loop's iterations summed over every thread and block of the plan (the source's loop bounds
-evaluated in closed form from freeu_plan's lanes, tile rows, group size and table choice, checked against a
-literal thread-by-thread execution in tests/test_cuda_backend.py) divided by its parent's. Both sides of a
-branch inside a loop are counted (an upper bound). The generic elementwise path (plane groups, any strides:
-no report case takes it) is not counted: freeu_plan does not report its group size and rows per task.
+planes without 16-byte channel vectors, planar planes of 128x128 and up, odd sizes) is compiled per
+specialisation (``filter_variant<T, V, ON_CHIP, CL, TAB>``, the one the shipped kernel branches to), and the
+channel-vector filter (``clvec_filter_task<T, NF, CENTRED>``: channels-last planes the tile does not take)
+as one function per template. Their runtime loops are kept rolled (``#pragma unroll 1`` in the shipped
+source too), so each source loop is one SASS loop. The SASS loops, nested by body containment in address
+order, are matched to the source's loop nest (_filter_nest, _CLVEC_NEST; a loop must hold what its source
+does: a barrier, a shuffle, a global load or store) and a mismatch raises. Trips are each loop's iterations
+summed over every thread and block of the plan (the source's loop bounds evaluated in closed form from
+freeu_plan's lanes, tile rows, group size and table choice; checked against a literal thread-by-thread
+execution in tests/test_cuda_backend.py) divided by its parent's. Both sides of a branch inside a loop are
+counted (an upper bound). The generic elementwise path (plane groups, any strides: no report case takes it)
+is not counted: freeu_plan does not report its group size and rows per task.
 """
 
 from __future__ import annotations
@@ -358,6 +360,50 @@ def _nest_trips(instrs, nest: _Nest, totals: Dict[str, float], where: str) -> Li
     return trips
 
 
+_CLVEC_NEST = _Nest("root", "", [
+    _Nest("tables", "STS"),
+    _Nest("sweep1", "SHFL", [_Nest("row_x", "LDG"), _Nest("row_shfl", "SHFL")]),
+    _Nest("col_it", "SHFL", [_Nest("col_y", "LDS"), _Nest("col_shfl", "SHFL")]),
+    _Nest("upd_item", "STS"),
+    _Nest("sweep2", "STG", [_Nest("write_x", "STG")])])
+
+
+def _clvec_iterations(plan: c_abi.PlanInfo, H: int, W: int, V: int) -> Dict[str, int]:
+    """Iterations of each loop of the channel-vector filter (clvec_filter_task) summed over one block's 256
+    threads; every block runs the same loops (a whole channel group over the plane's pixels)."""
+    T, nf, ch = THREADS, plan.nx, plan.skip_planes_per_block  # ch: channels per block
+    cv = ch // V                                                # 16-byte vectors per pixel
+    lpr, lc = plan.lanes_row, plan.lanes_col
+    rows_per_pass = T // cv // lpr
+    unroll = 4 if V == 8 else 8  # kClvUnroll of the kernel
+    passes = -(-H // rows_per_pass)
+    it = {"root": T, "tables": sum(_strided(W + H, t, T) for t in range(T))}
+    it["sweep1"] = it["sweep2"] = T * passes
+    x_trips = 0  # x0 loop of both sweeps: thread (row in pass, lane) of every pass with y < H
+    for t in range(T):
+        lane_px = t // cv
+        xl, row = lane_px % lpr, lane_px // lpr
+        rows = sum(1 for y0 in range(0, H, rows_per_pass) if y0 + row < H)
+        x_trips += rows * _strided(W, xl, lpr * unroll)
+    it["row_x"] = it["write_x"] = x_trips
+    it["row_shfl"] = it["sweep1"] * int(math.log2(lpr))
+    items, groups = nf * nf * ch, T // lc
+    iters = -(-items // groups)
+    it["col_it"] = T * iters
+    it["col_y"] = (sum(_strided(items, g, groups) for g in range(groups))
+                   * sum(_strided(H, sub, lc) for sub in range(lc)))
+    it["col_shfl"] = it["col_it"] * int(math.log2(lc))
+    it["upd_item"] = sum(_strided(H * nf * ch, t, T) for t in range(T))
+    return it
+
+
+def _clvec_trips(instrs, plan: c_abi.PlanInfo, case: CodegenCase) -> List[float]:
+    """Trips of the channel-vector filter's loops for the case's launch."""
+    H, W = case.x_shape[-2], case.x_shape[-1]
+    totals = {key: float(value) for key, value in _clvec_iterations(plan, H, W, 16 // case.element_size).items()}
+    return _nest_trips(instrs, _CLVEC_NEST, totals, "channel-vector filter")
+
+
 def _filter_trips(instrs, plan: c_abi.PlanInfo, case: CodegenCase, V: int, on_chip: bool) -> List[float]:
     """Trips of the generic filter's loops for the case's launch (every block of the plan)."""
     H, W = case.x_shape[-2], case.x_shape[-1]
@@ -419,6 +465,13 @@ def build(case: CodegenCase, arch: int) -> KernelBuild:
         elif skip_path == "flat":
             add_role("skip", ("17codegen_flat_skipI" + tcode + f"Lb{int(cl)}E",), lambda instrs: [],
                      plan.skip_blocks, skip_elements, f"flat g_hi copy, {plan.skip_task_vecs} vectors per block")
+        elif skip_path == "cl_vectors":
+            band = spec.band
+            centred = band.kx0 == -(band.nx // 2) and band.ky0 == -(band.ny // 2)
+            add_role("skip", ("18codegen_skip_clvecI" + tcode + f"Li{plan.nx}ELb{int(centred)}E",),
+                     lambda instrs: _clvec_trips(instrs, plan, case), plan.skip_blocks, skip_elements,
+                     f"channel-vector filter, {plan.skip_planes_per_block} channels per block, "
+                     f"{plan.lanes_row} lanes per row, {plan.lanes_col} lanes per moment, two sweeps over pixels")
         elif skip_path in ("on_chip", "two_sweep"):
             on_chip = skip_path == "on_chip"
             V = 16 // case.element_size if plan.skip_vec else 1

@@ -91,7 +91,8 @@ class PlanInfo(ctypes.Structure):
             "tile_threads_per_plane", "lanes_row", "lanes_col", "use_tab", "tile_rows", "skip_task_vecs",
             "backbone_task_vecs", "ny", "nx", "version", "channels_last")]
 
-    PATHS = {0: "none", 1: "flat", 2: "planes", 3: "tile", 4: "on_chip", 5: "two_sweep"}  # FREEU_PATH_*
+    PATHS = {0: "none", 1: "flat", 2: "planes", 3: "tile", 4: "on_chip", 5: "two_sweep",
+             6: "cl_vectors"}  # FREEU_PATH_*
 
 
 def load_library(path) -> ctypes.CDLL:

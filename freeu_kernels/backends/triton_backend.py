@@ -248,7 +248,12 @@ def _cached_table(band: FrequencyBand, table_shape, device: torch.device) -> tor
     key = (device, table_shape, band)
     table = _TABLES.get(key)
     if table is None:
-        table = _TABLES[key] = twiddle_table(band, table_shape, device)
+        table = twiddle_table(band, table_shape, device)
+        if device.type == "cuda":
+            # Built by kernels queued on the current stream; a later call on another stream must not read
+            # it before they ran. One synchronisation per (device, shape, band), on the first call only.
+            torch.cuda.current_stream(device).synchronize()
+        _TABLES[key] = table
     return table
 
 

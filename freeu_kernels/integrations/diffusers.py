@@ -111,11 +111,15 @@ class _FreeUState:
         self.options = options
         self.device = device
         self.stages = tuple(stages)
-        self.factor_tensors = tuple(
-            (torch.tensor(stage.backbone_factor, dtype=torch.float32, device=device),
-             torch.tensor(stage.skip_factor, dtype=torch.float32, device=device))
-            for stage in self.stages
-        )
+        # Never inference tensors, even when FreeU is enabled under inference_mode: they outlive the call,
+        # set_stages updates them in place and a forward with autograd on saves them for backward, both of
+        # which an inference tensor refuses outside inference_mode.
+        with torch.inference_mode(False):
+            self.factor_tensors = tuple(
+                (torch.tensor(stage.backbone_factor, dtype=torch.float32, device=device),
+                 torch.tensor(stage.skip_factor, dtype=torch.float32, device=device))
+                for stage in self.stages
+            )
         self.pipeline = pipeline
         self.patched_blocks: list = []
         self.hook_handle = None
@@ -144,7 +148,8 @@ class _FreeUState:
     def move_to(self, device: torch.device) -> None:
         """After the model moved: check the backend can run there, then move the factor tensors."""
         _check_backend_runs_on(self.options.backend, device, moved=True)
-        self.factor_tensors = tuple((b.to(device), s.to(device)) for b, s in self.factor_tensors)
+        with torch.inference_mode(False):  # as in __init__: the moved tensors outlive this call
+            self.factor_tensors = tuple((b.to(device), s.to(device)) for b, s in self.factor_tensors)
         self.device = device
         self.use_schedule(self.schedule)
 

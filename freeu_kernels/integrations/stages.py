@@ -353,7 +353,10 @@ class FreeUSchedule:
         if rule not in SCHEDULE_RULES:
             raise ValueError(f"rule must be one of {SCHEDULE_RULES}, got {rule!r}")
         self.rule = rule
-        self.values = torch.zeros(3, dtype=torch.float64)  # start, stop, smoothness
+        # start, stop, smoothness. Never an inference tensor (a schedule made under inference_mode must
+        # still take set() outside it, which writes in place).
+        with torch.inference_mode(False):
+            self.values = torch.zeros(3, dtype=torch.float64, device="cpu")
         self._fill(*self._checked(start, stop, smoothness))
 
     @staticmethod
@@ -415,7 +418,8 @@ class FreeUSchedule:
         """Move the numbers to ``device`` (the integration does this for the U-Net's device)."""
         device = torch.device(device)
         if self.values.device != device:
-            self.values = self.values.to(device=device, dtype=_schedule_dtype(device))
+            with torch.inference_mode(False):  # as in __init__ (the integration moves it mid-forward)
+                self.values = self.values.to(device=device, dtype=_schedule_dtype(device))
         return self
 
     def __repr__(self) -> str:
