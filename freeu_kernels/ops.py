@@ -32,10 +32,19 @@ every further range (spec.extra_windows) with one scaled multiply each, into the
 Per-call cost: validation (spec.cached_spec), the backend choice and the kernel's argument packing are
 memoised per (shapes, strides, dtype, device, layout, options) key, so a repeated call re-validates
 nothing (tests/test_overhead.py counts it); a key is stored only after the full checks accepted it.
+
+Tracing with symbolic shapes (torch.compile dynamic=True or automatic dynamic, torch.export with Dims,
+make_fx symbolic): the wrapper and the fake skip those caches and check only what needs no concrete
+size (spec.check_tensors, spec.check_options: types, ranks, dtypes, devices, option values; a size
+comparison there is a guard of the trace, not a specialisation), pass thresholds capped at
+spec.SIZE_FREE_THRESHOLD_CAP instead of clamped to the plane, and the fake allocates (N, Cx + Ch, ...)
+from x's sizes in x's memory format. The kernel, which runs on concrete tensors, validates and clamps
+in full. tests/test_dynamic_shapes.py covers it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from typing import Dict, List, Optional, Sequence
@@ -45,8 +54,8 @@ import torch.autograd.forward_ad as _forward_ad
 
 from .backends import registry
 from .reference import scale_backbone, structure_map
-from .spec import (Backend, FreeUSpec, allocate_output, cached_spec, check_factor, make_spec, output_memory_format,
-                   parse_backbone_channels)
+from .spec import (SIZE_FREE_THRESHOLD_CAP, Backend, FreeUSpec, allocate_output, cached_spec, check_factor,
+                   check_options, check_tensors, has_symbolic_sizes, output_memory_format, parse_backbone_channels)
 
 __all__ = ["fused_concat", "available_backends", "resolve_backend", "ENV_BACKEND"]
 
@@ -99,13 +108,16 @@ def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# (spec, requested backend, $FREEU_KERNELS_BACKEND, channels_last) -> kernel function. Availability does
-# not change within a process (libraries load once), so the choice is a pure function of that key.
+# (spec, device type, requested backend, $FREEU_KERNELS_BACKEND, channels_last) -> kernel function.
+# Availability does not change within a process (libraries load once), so the choice is a pure function
+# of that key. The spec does not hold the device, and the choice depends on its type (auto_order,
+# is_available), so the key does.
 _KERNEL_CACHE: Dict[tuple, object] = {}
 
 
 def _kernel_for(spec: FreeUSpec, requested: str, device: torch.device, channels_last: bool):
-    key = (spec, requested, os.environ.get(ENV_BACKEND) if requested == "auto" else None, channels_last)
+    key = (spec, device.type, requested, os.environ.get(ENV_BACKEND) if requested == "auto" else None,
+           channels_last)
     kernel = _KERNEL_CACHE.get(key)
     if kernel is None:
         kernel = registry.kernel(resolve_backend(requested, device, spec, channels_last=channels_last).value)
@@ -191,8 +203,22 @@ def _fused_concat_impl(x, h, b, s, *, threshold=1, threshold_cols=-1, version=1,
 
 def _fused_concat_fake(x, h, b, s, *, threshold=1, threshold_cols=-1, version=1, backbone_channels=None,
                        high_gain=1.0, mask="box", backend="auto"):
-    spec = cached_spec(x, h, _threshold_arg(threshold, threshold_cols), version, backbone_channels, high_gain, mask)
-    return allocate_output(x, spec.skip_channels)
+    """The output's shape, dtype, device and strides, for tracing: (N, Cx + Ch, ...) in x's memory format."""
+    if has_symbolic_sizes(x, h):
+        # Dynamic shapes: the frequency band (and the threshold's clamp) needs the plane's size, so only
+        # what needs none is checked here; the real kernel validates the concrete call in full.
+        check_tensors(x, h)
+        check_options(x.shape[1], _threshold_arg(threshold, threshold_cols), version, backbone_channels, high_gain,
+                      mask)
+        skip_channels = h.shape[1]
+    else:
+        skip_channels = cached_spec(x, h, _threshold_arg(threshold, threshold_cols), version, backbone_channels,
+                                    high_gain, mask).skip_channels
+    # The factors' devices too: a meta b or s with real x and h dispatches here (Meta outranks CPU and
+    # CUDA), and without this check the call would return the uninitialised output as its result.
+    check_factor("b", b, x.device)
+    check_factor("s", s, x.device)
+    return allocate_output(x, skip_channels)
 
 
 def _scale_backbone_jvp(x: torch.Tensor, tangent: torch.Tensor, b: torch.Tensor, windows, compute) -> torch.Tensor:
@@ -231,6 +257,10 @@ _INSIDE_FUNCTION = threading.local()
 
 class _FusedConcatFunction(torch.autograd.Function):
     """The op's autograd: backward (double-differentiable) and a forward-mode rule (jvp)."""
+
+    # torch.func.vmap (and jacfwd, hessian, which vmap): the forward runs under the transform, where the
+    # op has no batching rule and takes PyTorch's per-sample fallback loop (correct, one call per sample).
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, h, b, s, options):
@@ -346,20 +376,35 @@ _OP = torch.ops.freeu.fused_concat.default
 _FACTOR_TENSORS: Dict[tuple, torch.Tensor] = {}
 
 
+def _fake_or_proxy_mode_active() -> bool:
+    """True under a FakeTensorMode (torch.export, fake tracing) or make_fx's proxy mode."""
+    return (torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None)
+
+
 def _as_factor(name: str, value, like: torch.Tensor) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         check_factor(name, value, like.device)
         return value
     dtype = _factor_dtype(like.dtype) if isinstance(like, torch.Tensor) else torch.float64
     kind = type(value)
-    key = (kind, value, dtype)
-    if kind is float or kind is int:
+    # -0.0 == 0.0 (and they hash alike), but x * -0.0 and x * 0.0 differ in the sign of every zero: the
+    # sign is part of the key.
+    key = (kind, value, dtype, math.copysign(1.0, value) if kind is float else 1.0)
+    # Under a fake or make_fx proxy mode the tensor made here is fake, and a cached real one would be
+    # refused: no cache there.
+    cacheable = (kind is float or kind is int) and not _fake_or_proxy_mode_active()
+    if cacheable:
         tensor = _FACTOR_TENSORS.get(key)
         if tensor is not None:
             return tensor
     check_factor(name, value, like.device)
-    tensor = torch.tensor(float(value), dtype=dtype)
-    if kind is float or kind is int:
+    # On the CPU whatever the default device (a meta or CUDA factor cached under torch.device("meta") or
+    # set_default_device would reach later calls), and never an inference tensor, even on a first call
+    # under inference_mode: a later call with autograd on saves it for backward, which one refuses.
+    with torch.inference_mode(False):
+        tensor = torch.tensor(float(value), dtype=dtype, device="cpu")
+    if cacheable:
         if len(_FACTOR_TENSORS) >= 256:
             _FACTOR_TENSORS.clear()
         _FACTOR_TENSORS[key] = tensor
@@ -411,13 +456,20 @@ def fused_concat(
         (second order too), and forward-mode AD gives tangents for x and h.
     """
     backend = "auto" if backend is None else str(getattr(backend, "value", backend))
-    if torch.compiler.is_compiling():  # traced by Dynamo: plain validation, no process-wide caches
-        spec = make_spec(x, h, threshold, version, backbone_channels, high_gain, mask)
-        check_factor("b", b, x.device)
-        check_factor("s", s, x.device)
-        b = b if isinstance(b, torch.Tensor) else torch.tensor(float(b), dtype=torch.float64)
-        s = s if isinstance(s, torch.Tensor) else torch.tensor(float(s), dtype=torch.float64)
-        options = _op_options(spec, backbone_channels, backend)
+    compiling = torch.compiler.is_compiling()
+    if compiling or has_symbolic_sizes(x, h):
+        # Traced (Dynamo, torch.export, make_fx), maybe with symbolic sizes: no process-wide caches (their
+        # keys hold sizes) and only the checks that need no concrete size, so a trace neither specialises
+        # on N, H, W nor recompiles per shape; the op's kernel validates the concrete call when it runs.
+        options = _size_free_options(x, h, threshold, version, backbone_channels, high_gain, mask, backend)
+        if compiling:
+            check_factor("b", b, x.device)
+            check_factor("s", s, x.device)
+            b = b if isinstance(b, torch.Tensor) else torch.tensor(float(b), dtype=torch.float64)
+            s = s if isinstance(s, torch.Tensor) else torch.tensor(float(s), dtype=torch.float64)
+        else:
+            b = _as_factor("b", b, x)
+            s = _as_factor("s", s, x)
     else:
         spec = cached_spec(x, h, threshold, version, backbone_channels, high_gain, mask)
         options = _OPTIONS.get((spec, backbone_channels is None, backend))
@@ -445,14 +497,31 @@ _OPTIONS: Dict[tuple, dict] = {}
 def _op_options(spec: FreeUSpec, backbone_channels, backend: str) -> dict:
     """The schema's keyword arguments for a validated call: thresholds clamped to the plane (so they fit
     the schema's int64), the merged channel ranges as a flat list."""
-    t_rows, t_cols = spec.threshold
+    return _schema_options(spec.threshold, spec.version, None if backbone_channels is None else spec.windows,
+                           spec.high_gain, spec.mask.value, backend)
+
+
+def _size_free_options(x, h, threshold, version, backbone_channels, high_gain, mask, backend: str) -> dict:
+    """The schema's keyword arguments for a traced call (sizes possibly symbolic), validated without
+    reading a size: thresholds capped at SIZE_FREE_THRESHOLD_CAP (the same selection on any plane, and
+    int64), not clamped to the plane; the kernel clamps them when it runs."""
+    check_tensors(x, h)
+    call = check_options(x.shape[1], threshold, version, backbone_channels, high_gain, mask)
+    thresholds = tuple(min(t, SIZE_FREE_THRESHOLD_CAP) for t in call.threshold)
+    return _schema_options(thresholds, call.version, None if backbone_channels is None else call.windows,
+                           call.high_gain, call.mask.value, backend)
+
+
+def _schema_options(thresholds, version: int, windows, high_gain: float, mask: str, backend: str) -> dict:
+    """Validated options as the schema's keyword arguments; ``windows`` None means the default range."""
+    t_rows, t_cols = thresholds
     options = dict(
         threshold=t_rows,
         threshold_cols=-1 if t_rows == t_cols else t_cols,
-        version=spec.version,
-        backbone_channels=None if backbone_channels is None else [v for window in spec.windows for v in window],
-        high_gain=spec.high_gain,
-        mask=spec.mask.value,
+        version=version,
+        backbone_channels=None if windows is None else [v for window in windows for v in window],
+        high_gain=high_gain,
+        mask=mask,
         backend=backend,
     )
     # Only what differs from the schema's defaults: each keyword costs the dispatcher a parse.

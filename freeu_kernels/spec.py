@@ -33,6 +33,11 @@ __all__ = [
     "KERNEL_DTYPES",
     "MAX_LOWRANK_FREQUENCIES_PER_AXIS",
     "make_spec",
+    "check_tensors",
+    "check_options",
+    "CallOptions",
+    "has_symbolic_sizes",
+    "SIZE_FREE_THRESHOLD_CAP",
     "cached_spec",
     "clamp_threshold",
     "parse_threshold",
@@ -194,8 +199,10 @@ def parse_backbone_channels(backbone_channels, channels: int) -> Tuple[Tuple[int
     ints (k pairs). Empty ranges are dropped, so the result may be empty (nothing scaled).
     """
     if backbone_channels is None:
-        pairs = [(0, channels // 2)]
-    elif not isinstance(backbone_channels, collections.abc.Sequence) or isinstance(backbone_channels, (str, bytes)):
+        # No sort or merge: Cx may be symbolic (dynamic shapes), and one range needs neither.
+        half = channels // 2
+        return ((0, half),) if half > 0 else ()
+    if not isinstance(backbone_channels, collections.abc.Sequence) or isinstance(backbone_channels, (str, bytes)):
         raise TypeError("backbone_channels must be a (start, stop) pair or a sequence of such pairs (a list or "
                         f"tuple), got {type(backbone_channels).__name__}")
     elif len(backbone_channels) and all(isinstance(v, numbers.Integral) for v in backbone_channels):
@@ -206,8 +213,18 @@ def parse_backbone_channels(backbone_channels, channels: int) -> Tuple[Tuple[int
         pairs = [_check_range(name, flat[i : i + 2], channels) for i in range(0, len(flat), 2)]
     else:
         pairs = [_check_range(f"backbone_channels[{i}]", pair, channels) for i, pair in enumerate(backbone_channels)]
+    # Ordered by start (ranges with one start merge whatever their order) by insertion, not sorted():
+    # under torch.compile(dynamic=True) the ints may be symbolic, which Dynamo compares (with a guard)
+    # but does not sort.
+    ordered = []
+    for pair in pairs:
+        if pair[1] > pair[0]:
+            index = len(ordered)
+            while index and ordered[index - 1][0] > pair[0]:
+                index -= 1
+            ordered.insert(index, pair)
     merged = []
-    for start, stop in sorted(p for p in pairs if p[1] > p[0]):
+    for start, stop in ordered:
         if merged and start <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
         else:
@@ -295,7 +312,8 @@ def _finite_float(name: str, value) -> float:
         result = float(value)
     except OverflowError:
         raise ValueError(f"{name} must be a finite number, got {value!r} (too large for a float)") from None
-    if not math.isfinite(result):
+    # Comparisons, not math.isfinite: Dynamo traces them on a symbolic float too (NaN fails both).
+    if not -math.inf < result < math.inf:
         raise ValueError(f"{name} must be a finite number, got {result!r}")
     return result
 
@@ -321,19 +339,10 @@ def check_factor(name: str, value, device: torch.device) -> None:
     _finite_float(name, value)
 
 
-def make_spec(
-    x: torch.Tensor,
-    h: torch.Tensor,
-    threshold: ThresholdArg = 1,
-    version: int = 1,
-    backbone_channels=None,
-    high_gain: float = 1.0,
-    mask: str = "box",
-) -> FreeUSpec:
-    """Validate one call's arguments and describe it. Raises TypeError/ValueError naming the argument.
-
-    ``threshold``: an int or a (t_rows, t_cols) pair (box only, unless equal). ``backbone_channels``:
-    see parse_backbone_channels.
+def check_tensors(x, h) -> None:
+    """Everything make_spec checks about x and h: types, layouts, ranks, dtypes, devices, and that h has
+    x's N and trailing dims. Needs no concrete size: under symbolic shapes (torch.compile's dynamic
+    shapes, torch.export, make_fx) a size comparison becomes a guard or a constraint of the trace.
     """
     _check_tensor("x", x)
     _check_tensor("h", h)
@@ -349,21 +358,76 @@ def make_spec(
         raise TypeError(f"h must have the same dtype as x ({x.dtype}), got {h.dtype}")
     if h.device != x.device:
         raise ValueError(f"h must be on the same device as x ({x.device}), got {h.device}")
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """One call's options, validated; nothing here depends on the plane size (the threshold is not clamped)."""
+
+    threshold: Tuple[int, int]  # (t_rows, t_cols) as given, not clamped (clamp_threshold does that)
+    version: int
+    mask: Mask
+    windows: Tuple[Tuple[int, int], ...]  # parse_backbone_channels
+    high_gain: float
+
+
+def check_options(channels, threshold=1, version=1, backbone_channels=None, high_gain=1.0,
+                  mask="box") -> CallOptions:
+    """Validate the options of a call whose x has ``channels`` (Cx) channels, which may be symbolic.
+
+    Raises TypeError/ValueError naming the argument.
+    """
     if isinstance(version, bool) or not isinstance(version, numbers.Integral) or version not in (1, 2):
         raise ValueError(f"version must be 1 or 2 (an int), got {version!r}")
     try:
         mask_kind = Mask(mask)
     except ValueError:
         raise ValueError(f"mask must be one of {[m.value for m in Mask]}, got {mask!r}") from None
-    height, width = x.shape[-2], x.shape[-1]
-    thresholds = clamp_threshold(height, width, threshold, mask_kind)
-    cx = x.shape[1]
-    windows = parse_backbone_channels(backbone_channels, cx)
+    thresholds = parse_threshold(threshold, mask_kind)
+    windows = parse_backbone_channels(backbone_channels, channels)
     if isinstance(high_gain, bool) or not isinstance(high_gain, numbers.Real):
         raise TypeError(f"high_gain must be a Python float, got {type(high_gain).__name__}")
+    return CallOptions(thresholds, int(version), mask_kind, windows, _finite_float("high_gain", high_gain))
+
+
+# A threshold past every plane torch can allocate selects what any larger one does (clamp_threshold caps
+# at H//2 + H and H//2 + W//2 + 1), and it fits the op schema's int64: the cap where the plane size is
+# not known yet (symbolic shapes); the kernel clamps it to the real plane.
+SIZE_FREE_THRESHOLD_CAP = 2 ** 62
+
+
+def has_symbolic_sizes(x, h) -> bool:
+    """True when a size or stride of x or h is symbolic (torch.SymInt: dynamic shapes, export, make_fx)."""
+    # The tensors' own flag, two attribute reads: this runs on every eager call. Non-tensors are not
+    # symbolic (make_spec then rejects them with its message).
+    try:
+        return x._has_symbolic_sizes_strides or h._has_symbolic_sizes_strides
+    except AttributeError:
+        return False
+
+
+def make_spec(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    threshold: ThresholdArg = 1,
+    version: int = 1,
+    backbone_channels=None,
+    high_gain: float = 1.0,
+    mask: str = "box",
+) -> FreeUSpec:
+    """Validate one call's arguments and describe it. Raises TypeError/ValueError naming the argument.
+
+    ``threshold``: an int or a (t_rows, t_cols) pair (box only, unless equal). ``backbone_channels``:
+    see parse_backbone_channels. Needs concrete sizes (the frequency band depends on the plane).
+    """
+    check_tensors(x, h)
+    options = check_options(x.shape[1], threshold, version, backbone_channels, high_gain, mask)
+    height, width = x.shape[-2], x.shape[-1]
+    thresholds = clamp_threshold(height, width, options.threshold, options.mask)
+    windows = options.windows
     return FreeUSpec(
         batch=x.shape[0],
-        backbone_channels_total=cx,
+        backbone_channels_total=x.shape[1],
         skip_channels=h.shape[1],
         frames=x.shape[2] if x.dim() == 5 else 1,
         height=height,
@@ -371,11 +435,11 @@ def make_spec(
         ndim=x.dim(),
         dtype=x.dtype,
         threshold=thresholds,
-        version=int(version),
+        version=options.version,
         window=windows[0] if windows else (0, 0),
-        high_gain=_finite_float("high_gain", high_gain),
-        mask=mask_kind,
-        band=frequency_band(height, width, thresholds, mask_kind),
+        high_gain=options.high_gain,
+        mask=options.mask,
+        band=frequency_band(height, width, thresholds, options.mask),
         windows=windows,
     )
 
