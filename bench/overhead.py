@@ -7,13 +7,21 @@ argument packing or kernel launches. Timed in the same run and interleaved (benc
 - ``torch.cat``: one aten op, the floor of any concat;
 - ``trivial custom_op``: ``freeu_bench::trivial_cat``, a ``torch.library.custom_op`` with a fake and an
   autograd formula whose body is ``torch.cat``: what the custom-op machinery alone costs per call, the
-  yardstick the per-call budget is stated against;
-- ``freeu_kernels[NAME]``: ``fused_concat(x, h, b, s, backend=NAME)`` with b, s 0-d tensors, as in the op
-  cases, for every backend that runs here (Triton's CPU interpreter is not timed).
+  yardstick the per-call budget (<= 2x, bench/report.py) is stated against;
+- ``freeu_kernels[NAME]``: ``fused_concat(x, h, b, s, backend=NAME)`` with b, s 0-d float32 tensors on the
+  device, for every backend that runs here (Triton's CPU interpreter is not timed). This is the main row:
+  the diffusers integration passes its factors this way (freeu_kernels/integrations/diffusers.py keeps
+  them as 0-d float32 tensors on the U-Net's device, so a schedule changes them without recompiling);
+- ``freeu_kernels[NAME] via torch.ops``: ``torch.ops.freeu.fused_concat(x, h, b, s, backend=NAME)``, the
+  same factors, the schema's defaults otherwise: the op through the dispatcher, what a traced graph or
+  a user calling the op runs (fused_concat's eager fast path does not apply there);
+- ``freeu_kernels[NAME] with float factors``: ``fused_concat(x, h, 1.3, 0.9)``, Python floats and no
+  backend named (the automatic choice, which picks NAME), for the default backend only: a hand-written
+  call with plain numbers (memoised factor tensors on the fast path).
 
-Each row also carries ``aten_ops`` (the operators one call issues) and ``peak_extra_bytes``. On CUDA the
-ratios use the host time of a call: on a tiny input the GPU side is launch latency, the host side is
-what costs.
+Each row also carries ``aten_ops`` (the operators one call issues, counted under the profiler, i.e. on
+the op's full path) and ``peak_extra_bytes``. On CUDA the ratios use the host time of a call: on a tiny
+input the GPU side is launch latency, the host side is what costs.
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ from typing import Dict, List, Optional, Sequence, TextIO
 
 import torch
 
+import freeu_kernels
+
 from .cases import Case
-from .names import TORCH_CAT, TRIVIAL_OP
+from .names import FLOAT_FACTORS, TORCH_CAT, TRIVIAL_OP, VIA_DISPATCHER, fused_backend, fused_provider_name
 from .op_bench import measure_each, profile_columns
-from .providers import Provider, default_backend, is_fused, make_inputs
+from .providers import CaseInputs, Provider, default_backend, is_fused, make_inputs
 from .results import result_row
 from .timing import TimingBudget, format_seconds
 
@@ -59,28 +69,47 @@ def _trivial_cat_backward(ctx, grad):
 trivial_cat.register_autograd(_trivial_cat_backward, setup_context=_trivial_cat_setup)
 
 
+def _dispatcher_call(inputs: CaseInputs, backend: str):
+    """``torch.ops.freeu.fused_concat`` called directly: the schema's keyword form, default options."""
+    x, h, b, s = inputs.x, inputs.h, inputs.b_tensor, inputs.s_tensor
+    return lambda: torch.ops.freeu.fused_concat(x, h, b, s, backend=backend)
+
+
+def _float_factor_call(inputs: CaseInputs):
+    """``fused_concat(x, h, 1.3, 0.9)``: Python-float factors, no backend named (the automatic choice)."""
+    x, h, b, s = inputs.x, inputs.h, inputs.b, inputs.s
+    return lambda: freeu_kernels.fused_concat(x, h, b, s)
+
+
 def run_overhead(providers: Sequence[Provider], device: torch.device, environment: Dict, *,
                  budget: TimingBudget = OVERHEAD_BUDGET, progress: Optional[TextIO] = sys.stderr) -> List[Dict]:
-    """Rows of section "overhead": torch.cat, the trivial custom op and each freeu_kernels backend."""
+    """Rows of section "overhead": torch.cat, the trivial custom op, and each freeu_kernels backend through
+    fused_concat and through torch.ops (plus Python-float factors on the default backend)."""
     case = OVERHEAD_CASE
     inputs = make_inputs(case, device)
     x, h = inputs.x, inputs.h
     calls = {TORCH_CAT: lambda: torch.cat([x, h], dim=1), TRIVIAL_OP: lambda: torch.ops.freeu_bench.trivial_cat(x, h)}
     notes = {}
+    chosen = default_backend(inputs)
     for provider in providers:
         if not is_fused(provider.name):
             continue
+        backend = fused_backend(provider.name)
+        dispatcher = fused_provider_name(backend, VIA_DISPATCHER)
         reason = provider.unavailable(case, device)
         if reason is not None:
-            notes[provider.name] = "skipped: " + reason
+            notes[provider.name] = notes[dispatcher] = "skipped: " + reason
             continue
         calls[provider.name] = provider.prepare(inputs).call
+        calls[dispatcher] = _dispatcher_call(inputs, backend)
+        if backend == chosen:
+            calls[fused_provider_name(backend, FLOAT_FACTORS)] = _float_factor_call(inputs)
     for call in calls.values():
         call()  # first calls build caches (twiddle tables, dispatch): not what a call costs afterwards
     profiles = {name: profile_columns(call, device) for name, call in calls.items()}
     timings, errors = measure_each(calls, device, budget, flush_l2=False)
     notes.update(errors)
-    extra = {"default_backend": default_backend(inputs)}
+    extra = {"default_backend": chosen}
     rows = [result_row("overhead", case, name, "eager", timing, environment, **profiles.get(name, {}), **extra)
             for name, timing in timings.items()]
     rows += [result_row("overhead", case, name, "eager", None, environment, note=note, **extra)

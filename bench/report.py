@@ -10,8 +10,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .crossover import crossover_verdict, summarize_crossover
 from .memory import METHODS as MEMORY_METHODS
-from .names import (BASELINES, COPY, DIFFUSERS, FUSED_FREEU, NO_FREEU, NOT_SUPPORTED, REFERENCE, TORCH_CAT,
-                    fused_provider_name, is_fused)
+from .names import (BASELINES, COPY, DIFFUSERS, FLOAT_FACTORS, FUSED_FREEU, FUSED_PREFIX, NO_FREEU, NOT_SUPPORTED,
+                    REFERENCE, TORCH_CAT, TRIVIAL_OP, VIA_DISPATCHER, fused_backend, fused_provider_name, is_fused)
 from .results import find_rows
 from .timing import format_seconds
 
@@ -22,6 +22,8 @@ MET, NOT_MET, NOT_MEASURED = "met", "NOT met", "not measured"
 # The shapes the targets name (SDXL at 1024 px, batch 2).
 SDXL_TARGET_SHAPES = ("(2,1280,32,32)", "(2,640,64,64)")
 GPU_CEILING_SHAPE = "(2,640,64,64)"
+# Per-call overhead on the tiny input, x the trivial custom op timed in the same run (host time on CUDA).
+OVERHEAD_LIMIT = 2.0
 
 
 def _time(us: Optional[float]) -> str:
@@ -66,8 +68,9 @@ def _where(row: Dict) -> str:
 
 
 def _limit_target(text: str, provider: str, candidates: Iterable[Dict], column: str, limit: float,
-                  at_most: bool, show) -> Dict:
-    """Verdict of the worst candidate row's ``column`` against ``limit`` (``at_most``: value <= limit)."""
+                  at_most: bool, show, where=_where) -> Dict:
+    """Verdict of the worst candidate row's ``column`` against ``limit`` (``at_most``: value <= limit);
+    ``where`` names the worst row when there are several."""
     measured = [row for row in candidates if row[column] is not None]
     if not measured:
         return _target(text, provider, "-", NOT_MEASURED)
@@ -79,7 +82,7 @@ def _limit_target(text: str, provider: str, candidates: Iterable[Dict], column: 
 
     summary = show(worst[column])
     if len(measured) > 1:
-        summary = (f"worst {summary} ({_where(worst)}); "
+        summary = (f"worst {summary} ({where(worst)}); "
                    f"{sum(within(row[column]) for row in measured)}/{len(measured)} rows within")
     return _target(text, provider, summary, MET if within(worst[column]) else NOT_MET)
 
@@ -131,6 +134,20 @@ def _gpu_targets(rows: List[Dict]) -> List[Dict]:
     return targets
 
 
+def _overhead_targets(rows: List[Dict]) -> List[Dict]:
+    """Per backend in the overhead section: every way of calling it timed there (fused_concat, torch.ops,
+    float factors) costs at most OVERHEAD_LIMIT x the trivial custom op; the worst of them decides."""
+    text = f"per-call overhead <= {OVERHEAD_LIMIT:g}x {TRIVIAL_OP} (tiny input)"
+    overhead = [row for row in find_rows(rows, section="overhead") if is_fused(row["provider"])]
+    backends = list(dict.fromkeys(fused_backend(row["provider"]) for row in overhead))  # in the run's order
+    if not backends:
+        return [_target(text, FUSED_PREFIX, "-", NOT_MEASURED)]
+    return [_limit_target(text, fused_provider_name(backend),
+                          [row for row in overhead if fused_backend(row["provider"]) == backend],
+                          "vs_trivial_op", OVERHEAD_LIMIT, True, _ratio, where=lambda row: row["provider"])
+            for backend in backends]
+
+
 def _unet_target(rows: List[Dict]) -> Dict:
     text = "FreeU overhead <= 0.5% of an SDXL 1024px step (fp16, batch 2)"
     real = _timed(r for r in find_rows(rows, section="unet", provider=FUSED_FREEU)
@@ -145,8 +162,9 @@ def _unet_target(rows: List[Dict]) -> Dict:
 
 
 def evaluate_targets(rows: List[Dict], device_type: str) -> List[Dict]:
-    """The issue's targets for this device type, each with what was measured and a verdict."""
-    return _cpu_targets(rows) if device_type == "cpu" else _gpu_targets(rows)
+    """The issue's targets for this device type, each with what was measured and a verdict: the op-level
+    ones of the device type, then the per-call overhead (the same target on every device)."""
+    return (_cpu_targets(rows) if device_type == "cpu" else _gpu_targets(rows)) + _overhead_targets(rows)
 
 
 def _case_key(row: Dict):
@@ -449,7 +467,12 @@ def _overhead_lines(rows: List[Dict]) -> List[str]:
     return ["", "## Per-call overhead", "",
             "A (1,4,8,8) + (1,4,8,8) float32 input, where a call's time is its fixed cost; timed interleaved in this "
             "run. 'trivial custom_op' is a torch.library.custom_op (with a fake and an autograd formula) whose body "
-            "is torch.cat: the cost of the custom-op machinery alone. Ratios use the host time on CUDA.", ""
+            "is torch.cat: the cost of the custom-op machinery alone. freeu_kernels[NAME] is fused_concat(x, h, b, "
+            "s, backend=NAME) with b, s 0-d tensors (as the diffusers integration calls it); "
+            f"'{VIA_DISPATCHER}' is torch.ops.freeu.fused_concat called directly (the dispatcher: a traced graph, "
+            f"or a user calling the op); '{FLOAT_FACTORS}' is fused_concat(x, h, 1.3, 0.9) with no backend "
+            f"named. Target: every row of a backend <= {OVERHEAD_LIMIT:g}x the trivial custom_op. Ratios use the "
+            "host time on CUDA.", ""
             ] + _table(_OVERHEAD_HEADERS, table)
 
 

@@ -29,9 +29,16 @@ Gradients and tangents do not flow to b and s (they are schedule constants, not 
 Several backbone ranges: the kernels take one window (spec.window, the first range); the op writes
 every further range (spec.extra_windows) with one scaled multiply each, into the kernel's output.
 
-Per-call cost: validation (spec.cached_spec), the backend choice and the kernel's argument packing are
-memoised per (shapes, strides, dtype, device, layout, options) key, so a repeated call re-validates
-nothing (tests/test_overhead.py counts it); a key is stored only after the full checks accepted it.
+Per-call cost: validation (spec.cached_spec), the backend choice and the backend's binding (registry.bind:
+launch plans, tables, the packed C arguments) are memoised per (shapes, strides, dtype, device, layout,
+options) key in a _CallPlan, so a repeated call re-validates nothing (tests/test_overhead.py counts it); a
+key is stored only after the full checks accepted it. On top of that, ``fused_concat`` has an eager fast
+path: a call seen before, with plain tensors (no subclass, no extra dispatch keys such as a negative
+view), nothing active that acts at the dispatcher (modes, torch.func transforms, forward AD, the jit
+tracer, the autograd profiler) and no gradient to record, runs its _CallPlan directly, which is what the
+dispatcher would reach (the op's CPU/CUDA kernel, _fused_concat_impl) minus the dispatch. Everything
+else, and ``torch.ops.freeu.fused_concat`` itself, goes through the dispatcher. tests/test_fast_path.py
+checks that both give the same bits and that the fast path is taken exactly where it may be.
 
 Tracing with symbolic shapes (torch.compile dynamic=True or automatic dynamic, torch.export with Dims,
 make_fx symbolic): the wrapper and the fake skip those caches and check only what needs no concrete
@@ -54,7 +61,7 @@ import torch.autograd.forward_ad as _forward_ad
 
 from .backends import registry
 from .reference import scale_backbone, structure_map
-from .spec import (SIZE_FREE_THRESHOLD_CAP, Backend, FreeUSpec, allocate_output, cached_spec, check_factor,
+from .spec import (SIZE_FREE_THRESHOLD_CAP, Backend, FreeUSpec, _plain_key, allocate_output, cached_spec, check_factor,
                    check_options, check_tensors, has_symbolic_sizes, output_memory_format, parse_backbone_channels)
 
 __all__ = ["fused_concat", "available_backends", "resolve_backend", "ENV_BACKEND"]
@@ -108,23 +115,24 @@ def _factor_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# (spec, device type, requested backend, $FREEU_KERNELS_BACKEND, channels_last) -> kernel function.
+# (spec, device type, requested backend, $FREEU_KERNELS_BACKEND, channels_last) -> backend name.
 # Availability does not change within a process (libraries load once), so the choice is a pure function
 # of that key. The spec does not hold the device, and the choice depends on its type (auto_order,
 # is_available), so the key does.
-_KERNEL_CACHE: Dict[tuple, object] = {}
+_BACKEND_CACHE: Dict[tuple, str] = {}
 
 
-def _kernel_for(spec: FreeUSpec, requested: str, device: torch.device, channels_last: bool):
+def _backend_for(spec: FreeUSpec, requested: str, device: torch.device, channels_last: bool) -> str:
+    """resolve_backend's name for a validated call, memoised."""
     key = (spec, device.type, requested, os.environ.get(ENV_BACKEND) if requested == "auto" else None,
            channels_last)
-    kernel = _KERNEL_CACHE.get(key)
-    if kernel is None:
-        kernel = registry.kernel(resolve_backend(requested, device, spec, channels_last=channels_last).value)
-        if len(_KERNEL_CACHE) >= 4096:
-            _KERNEL_CACHE.clear()
-        _KERNEL_CACHE[key] = kernel
-    return kernel
+    name = _BACKEND_CACHE.get(key)
+    if name is None:
+        name = resolve_backend(requested, device, spec, channels_last=channels_last).value
+        if len(_BACKEND_CACHE) >= 4096:
+            _BACKEND_CACHE.clear()
+        _BACKEND_CACHE[key] = name
+    return name
 
 
 def _threshold_arg(threshold: int, threshold_cols: int):
@@ -149,9 +157,44 @@ def _write_extra_windows(out: torch.Tensor, x: torch.Tensor, b: torch.Tensor, sp
 
 _FLOAT_FACTOR_DTYPES = (torch.float32, torch.float64)
 
-# Validated calls of the op, keyed on everything make_spec and the backend choice read (shapes, strides,
-# dtypes, devices, option values, $FREEU_KERNELS_BACKEND): (spec, kernel). Stored only once validated.
-_CALL_PLANS: Dict[tuple, tuple] = {}
+
+class _CallPlan:
+    """One validated call of the op, for every call with the same key (shapes, strides, dtypes, devices,
+    options): its spec and the chosen backend's runner bound to those shapes and strides (registry.bind).
+
+    :meth:`forward` is what remains per call: the factors' dtype, the version-2 scale map, the runner and
+    the extra channel ranges.
+    """
+
+    __slots__ = ("spec", "backend", "run", "factor_dtype", "needs_map")
+
+    def __init__(self, spec: FreeUSpec, backend: str, x: torch.Tensor, h: torch.Tensor):
+        self.spec, self.backend = spec, backend
+        self.run = registry.bind(backend, spec, x, h)
+        self.factor_dtype = _factor_dtype(x.dtype)
+        self.needs_map = spec.version == 2 and bool(spec.windows) and x.numel() > 0
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The op's output for x, h of this plan's key and checked 0-d factors b, s."""
+        factor_dtype = self.factor_dtype
+        if b.dtype != factor_dtype:
+            b = b.to(factor_dtype)
+        if s.dtype != factor_dtype:
+            s = s.to(factor_dtype)
+        scale_map = None
+        if self.needs_map:
+            # A CPU 0-d b combines with a device map as a scalar: no host-to-device copy, capture-safe.
+            scale_map = (b - 1) * structure_map(x).to(factor_dtype) + 1
+        out = self.run(x, h, b, s, scale_map)
+        if self.spec.extra_windows:
+            _write_extra_windows(out, x, b, self.spec, scale_map)
+        return out
+
+
+# Validated calls of the op, keyed on everything make_spec, the backend choice and the binding read
+# (shapes, strides, dtypes, devices, option values, $FREEU_KERNELS_BACKEND): a _CallPlan. Stored only
+# once validated (and bound).
+_CALL_PLANS: Dict[tuple, _CallPlan] = {}
 
 
 def _plain_factor(value: torch.Tensor, device: torch.device) -> bool:
@@ -161,9 +204,9 @@ def _plain_factor(value: torch.Tensor, device: torch.device) -> bool:
             and (value.device.type == "cpu" or value.device == device))
 
 
-def _fused_concat_impl(x, h, b, s, *, threshold=1, threshold_cols=-1, version=1, backbone_channels=None,
-                       high_gain=1.0, mask="box", backend="auto"):
-    """The op's kernel for every device: validate (memoised), choose the backend, run it."""
+def _call_plan(x, h, threshold=1, threshold_cols=-1, version=1, backbone_channels=None, high_gain=1.0, mask="box",
+               backend="auto") -> _CallPlan:
+    """The _CallPlan of a call with the schema's arguments: memoised, else validated in full and bound."""
     device = x.device
     try:
         # The schema has fixed the options' types, so their values key the plan; the tensors' strides
@@ -177,28 +220,31 @@ def _fused_concat_impl(x, h, b, s, *, threshold=1, threshold_cols=-1, version=1,
     if plan is None:
         spec = cached_spec(x, h, _threshold_arg(threshold, threshold_cols), version, backbone_channels, high_gain,
                            mask)
-        plan = spec, _kernel_for(spec, backend, device, output_memory_format(x) != torch.contiguous_format)
+        name = _backend_for(spec, backend, device, output_memory_format(x) != torch.contiguous_format)
+        plan = _CallPlan(spec, name, x, h)
         if key is not None:
             if len(_CALL_PLANS) >= 4096:
                 _CALL_PLANS.clear()
             _CALL_PLANS[key] = plan
-    spec, kernel = plan
-    if not (_plain_factor(b, device) and _plain_factor(s, device)):
-        check_factor("b", b, device)
-        check_factor("s", s, device)
-    factor_dtype = _factor_dtype(x.dtype)
-    if b.dtype != factor_dtype:
-        b = b.to(factor_dtype)
-    if s.dtype != factor_dtype:
-        s = s.to(factor_dtype)
-    scale_map = None
-    if spec.version == 2 and spec.windows and x.numel() > 0:
-        # A CPU 0-d b combines with a device map as a scalar: no host-to-device copy, capture-safe.
-        scale_map = (b - 1) * structure_map(x).to(factor_dtype) + 1
-    out = kernel(x, h, b, s, spec, scale_map)
-    if spec.extra_windows:
-        _write_extra_windows(out, x, b, spec, scale_map)
-    return out
+    return plan
+
+
+def _fused_concat_impl(x, h, b, s, *, threshold=1, threshold_cols=-1, version=1, backbone_channels=None,
+                       high_gain=1.0, mask="box", backend="auto"):
+    """The op's kernel for every device: validate (memoised), choose the backend, run it."""
+    return _run_validated(x, h, b, s, threshold, threshold_cols, version, backbone_channels, high_gain, mask,
+                          backend)
+
+
+def _run_validated(x, h, b, s, threshold, threshold_cols, version, backbone_channels, high_gain, mask, backend):
+    """_fused_concat_impl with the schema's arguments in order: the plan (memoised, else validated in full),
+    the factors checked, the plan run."""
+    plan = _call_plan(x, h, threshold, threshold_cols, version, backbone_channels, high_gain, mask, backend)
+    if not (type(b) is torch.Tensor and type(s) is torch.Tensor and _plain_factor_tensor(b, x)
+            and _plain_factor_tensor(s, x)):  # the common case in a few reads
+        check_factor("b", b, x.device)
+        check_factor("s", s, x.device)
+    return plan.forward(x, h, b, s)
 
 
 def _fused_concat_fake(x, h, b, s, *, threshold=1, threshold_cols=-1, version=1, backbone_channels=None,
@@ -327,8 +373,12 @@ class _FusedConcatFunction(torch.autograd.Function):
         return torch.cat([backbone, skip], dim=1)
 
 
-def _autograd_kernel(keyset, x, h, b, s, **options):
-    """The op at the Autograd key: through _FusedConcatFunction when a gradient or a tangent can flow."""
+def _autograd_kernel(keyset, x, h, b, s, *, threshold=1, threshold_cols=-1, version=1, backbone_channels=None,
+                     high_gain=1.0, mask="box", backend="auto"):
+    """The op at the Autograd key: through _FusedConcatFunction when a gradient or a tangent can flow.
+
+    The options are explicit keywords (not ``**options``): the common branch passes them on without
+    building a dict, which is part of every dispatched call's cost."""
     inside_function = False
     if torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0:
         inside_function = getattr(_INSIDE_FUNCTION, "active", False)
@@ -338,24 +388,40 @@ def _autograd_kernel(keyset, x, h, b, s, **options):
             raise RuntimeError("torch.ops.freeu.fused_concat under torch.func transforms (jvp, grad, vmap): call "
                                "freeu_kernels.fused_concat instead, which applies the op's autograd rules there")
         if not inside_function:
-            return _FusedConcatFunction.apply(x, h, b, s, options)
+            return _FusedConcatFunction.apply(x, h, b, s, _options_dict(
+                threshold, threshold_cols, version, backbone_channels, high_gain, mask, backend))
     grad_mode = torch.is_grad_enabled()
     if grad_mode and (x.requires_grad or h.requires_grad) and not getattr(_INSIDE_FUNCTION, "active", False):
-        return _FusedConcatFunction.apply(x, h, b, s, options)
-    below = keyset & torch._C._after_autograd_keyset
-    if below.highestPriorityTypeId() in _PLAIN_DEVICE_KEYS:
+        return _FusedConcatFunction.apply(x, h, b, s, _options_dict(
+            threshold, threshold_cols, version, backbone_channels, high_gain, mask, backend))
+    plain_below = _PLAIN_BELOW.get(keyset.raw_repr())
+    if plain_below is None:
+        below = keyset & torch._C._after_autograd_keyset
+        plain_below = _PLAIN_BELOW[keyset.raw_repr()] = below.highestPriorityTypeId() in _PLAIN_DEVICE_KEYS
+    if plain_below:
         # Nothing but the device kernel below (no mode, no fake or functional tensor): call it directly,
         # which is what the redispatch would reach, minus its Python wrapper. With no input that
         # requires grad, the kernel's own aten ops record nothing, so the below-autograd guard is moot.
         if not (grad_mode and (b.requires_grad or s.requires_grad or inside_function)):
-            return _fused_concat_impl(x, h, b, s, **options)
+            return _run_validated(x, h, b, s, threshold, threshold_cols, version, backbone_channels, high_gain,
+                                  mask, backend)
         with torch._C._AutoDispatchBelowAutograd():
-            return _fused_concat_impl(x, h, b, s, **options)
+            return _run_validated(x, h, b, s, threshold, threshold_cols, version, backbone_channels, high_gain,
+                                  mask, backend)
     with torch._C._AutoDispatchBelowAutograd():
-        return _OP.redispatch(below, x, h, b, s, **options)
+        return _OP.redispatch(keyset & torch._C._after_autograd_keyset, x, h, b, s, **_options_dict(
+            threshold, threshold_cols, version, backbone_channels, high_gain, mask, backend))
+
+
+def _options_dict(threshold, threshold_cols, version, backbone_channels, high_gain, mask, backend) -> dict:
+    """The schema's keyword arguments as a dict (what _FusedConcatFunction and a redispatch take)."""
+    return dict(threshold=threshold, threshold_cols=threshold_cols, version=version,
+                backbone_channels=backbone_channels, high_gain=high_gain, mask=mask, backend=backend)
 
 
 _PLAIN_DEVICE_KEYS = frozenset((torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA))
+# Raw dispatch key set at the Autograd key -> whether the plain CPU/CUDA kernel is all that lies below.
+_PLAIN_BELOW: Dict[int, bool] = {}
 
 
 _LIBRARY = torch.library.Library("freeu", "DEF")
@@ -455,8 +521,26 @@ def fused_concat(
         no_grad / inference_mode nothing is saved for backward; otherwise gradients flow to x and h
         (second order too), and forward-mode AD gives tangents for x and h.
     """
-    backend = "auto" if backend is None else str(getattr(backend, "value", backend))
     compiling = torch.compiler.is_compiling()
+    eager_plain = not compiling and _dispatch_is_plain()
+    key = entry = None
+    if eager_plain:
+        # The fast path: a call seen before (same shapes, strides, dtypes, devices, dispatch keys and
+        # options, validated then) with nothing between this function and the kernel that the dispatcher
+        # would serve (no mode, transform, tracer, profiler, tensor subclass, and no gradient to record):
+        # run its bound plan directly. What runs is what the dispatcher would reach (_fused_concat_impl,
+        # whose plan this is), without the dispatch and the re-validation.
+        key = _eager_key(x, h, threshold, version, backbone_channels, high_gain, mask, backend)
+        try:
+            entry = _EAGER_CALLS.get(key) if key is not None else None
+        except TypeError:  # an unhashable option (a list of channel ranges, a backend object)
+            key = entry = None
+        if entry is not None and type(x) is torch.Tensor and type(h) is torch.Tensor:
+            fast_b, fast_s = _eager_factor(b, x), _eager_factor(s, x)
+            if (fast_b is not None and fast_s is not None and not (torch.is_grad_enabled() and (
+                    x.requires_grad or h.requires_grad or fast_b.requires_grad or fast_s.requires_grad))):
+                return entry.forward(x, h, fast_b, fast_s)
+    backend = "auto" if backend is None else str(getattr(backend, "value", backend))
     if compiling or has_symbolic_sizes(x, h):
         # Traced (Dynamo, torch.export, make_fx), maybe with symbolic sizes: no process-wide caches (their
         # keys hold sizes) and only the checks that need no concrete size, so a trace neither specialises
@@ -480,7 +564,101 @@ def fused_concat(
             _OPTIONS[(spec, backbone_channels is None, backend)] = options
         b = _as_factor("b", b, x)
         s = _as_factor("s", s, x)
+        if (eager_plain and key is not None and entry is None and _plain_tensor(x) and _plain_tensor(h)
+                and x.device.type != "meta"):
+            # Validated: bind the plan now (as the op's kernel would) and keep it for the fast path.
+            if len(_EAGER_CALLS) >= 4096:
+                _EAGER_CALLS.clear()
+            _EAGER_CALLS[key] = _call_plan(x, h, **options)
     return _apply_op(x, h, b, s, options)
+
+
+# The fast path's calls: _eager_key -> the _CallPlan of a validated call (stored by fused_concat's full
+# path, only for plain tensors on a real device).
+_EAGER_CALLS: Dict[tuple, _CallPlan] = {}
+
+
+def _dispatch_is_plain() -> bool:
+    """True when nothing that acts at the dispatcher is active: no TorchDispatchMode (fake tensors,
+    make_fx, FlopCounterMode, ...), no TorchFunctionMode (torch.device contexts, set_default_device), no
+    torch.func transform, no forward-AD level, no torch.jit tracer and no autograd profiler (which records
+    the op by name)."""
+    return (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._are_functorch_transforms_active() and _forward_ad._current_level < 0
+            and torch._C._get_tracing_state() is None and not torch._C._autograd._profiler_enabled())
+
+
+# Raw dispatch key sets of plain tensors, per device: a dense tensor of that device, with and without
+# autograd's keys (inference tensors lack them). Anything else (negative or zero-tensor views,
+# functionalization wrappers, Python subclasses) has more keys and takes the dispatcher.
+_PLAIN_KEYSETS: Dict[torch.device, frozenset] = {}
+
+
+def _plain_keysets(device: torch.device) -> frozenset:
+    keysets = _PLAIN_KEYSETS.get(device)
+    if keysets is None:
+        with torch.inference_mode(False):
+            normal = torch.empty(0, device=device)
+        with torch.inference_mode():
+            inference = torch.empty(0, device=device)
+        keysets = _PLAIN_KEYSETS[device] = frozenset(
+            torch._C._dispatch_keys(t).raw_repr() for t in (normal, inference))
+    return keysets
+
+
+def _plain_tensor(t) -> bool:
+    """A torch.Tensor (not a subclass) whose dispatch keys are those of a plain tensor of its device."""
+    return type(t) is torch.Tensor and torch._C._dispatch_keys(t).raw_repr() in _plain_keysets(t.device)
+
+
+def _eager_key(x, h, threshold, version, backbone_channels, high_gain, mask, backend) -> Optional[tuple]:
+    """The fast path's key of a call: the tensors' shapes, strides, dtypes, devices and dispatch keys, and
+    each option by value and type (spec._plain_key: 2 and 2.0, True and 1 differ); None when an argument
+    has no such key (not a tensor, symbolic sizes, no strides, an option of another type)."""
+    try:
+        key = (x.shape, x.stride(), x.dtype, x.device, torch._C._dispatch_keys(x).raw_repr(),
+               h.shape, h.stride(), h.dtype, h.device, torch._C._dispatch_keys(h).raw_repr(),
+               threshold if type(threshold) is int else _plain_key(threshold),
+               version if type(version) is int else _plain_key(version),
+               0 if backbone_channels is None else _plain_key(backbone_channels),
+               high_gain if type(high_gain) is float else _plain_key(high_gain),
+               mask if type(mask) is str else None,
+               backend, os.environ.get(ENV_BACKEND) if backend is None or backend == "auto" else None)
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return None if None in key[10:15] else key
+
+
+def _eager_factor(value, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """b or s as the fast path takes it: a plain 0-d float32/float64 tensor on the CPU or x's device, or a
+    memoised Python-number factor; None for anything else (the full path checks and converts it)."""
+    kind = type(value)
+    if kind is torch.Tensor:
+        return value if _plain_factor_tensor(value, x) else None
+    if kind is float or kind is int:
+        return _FACTOR_TENSORS.get((kind, value, _factor_dtype(x.dtype), math.copysign(1.0, value) if kind is float
+                                    else 1.0))
+    return None
+
+
+def _plain_factor_tensor(value: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a torch.Tensor factor is what check_factor accepts without a conversion and is plain (no
+    extra dispatch keys): decided once per (dispatch keys, dtype), then a few attribute reads."""
+    if value.dim() != 0:
+        return False
+    verdict_key = (torch._C._dispatch_keys(value).raw_repr(), value.dtype)
+    verdict = _FACTOR_VERDICTS.get(verdict_key)
+    if verdict is None:
+        # The keys say the device type and everything else that matters (dense, no negative or
+        # zero-tensor bit); only a device tensor's index is left to compare per call.
+        plain = _plain_factor(value, value.device) and _plain_tensor(value)
+        verdict = _FACTOR_VERDICTS[verdict_key] = ("host" if value.is_cpu else "device") if plain else "no"
+    return verdict == "host" or (verdict == "device" and value.device == x.device)
+
+
+# (raw dispatch keys, dtype) of a 0-d factor tensor -> "host" (a plain CPU float32/float64 tensor),
+# "device" (a plain one on an accelerator: its device must be x's) or "no".
+_FACTOR_VERDICTS: Dict[tuple, str] = {}
 
 
 def _apply_op(x, h, b, s, options: dict) -> torch.Tensor:

@@ -20,9 +20,12 @@ import freeu_kernels  # noqa: E402
 from bench import OUTPUT_FILES, SuiteConfig, run_suite, write_outputs  # noqa: E402
 from bench.cli import main as bench_main  # noqa: E402
 from bench.cases import Case, CrossoverCase, decoder_concats, op_cases, parse_dtypes  # noqa: E402
-from bench.names import NOT_SUPPORTED, TRIVIAL_OP  # noqa: E402
-from bench.results import COLUMNS, ROWS_LOG, RowLog  # noqa: E402
-from bench.timing import TimingBudget  # noqa: E402
+from bench.names import (FLOAT_FACTORS, NOT_SUPPORTED, TORCH_CAT, TRIVIAL_OP, VIA_DISPATCHER,  # noqa: E402
+                         fused_backend, fused_provider_name, is_fused)
+from bench.overhead import OVERHEAD_CASE  # noqa: E402
+from bench.report import MET, NOT_MEASURED, NOT_MET, OVERHEAD_LIMIT, _ratio, evaluate_targets  # noqa: E402
+from bench.results import COLUMNS, ROWS_LOG, RowLog, add_derived_metrics, result_row  # noqa: E402
+from bench.timing import Timing, TimingBudget  # noqa: E402
 from bench.unet_configs import MODELS, reduced_config, unet_inputs  # noqa: E402
 
 pytest.importorskip("diffusers")
@@ -160,13 +163,67 @@ def test_default_backend_is_marked(tiny_run):
     assert "default backend (automatic choice)" in report and "(default)" in report
 
 
+OVERHEAD_TARGET = f"per-call overhead <= {OVERHEAD_LIMIT:g}x {TRIVIAL_OP} (tiny input)"
+
+
 def test_overhead_section_compares_with_a_trivial_custom_op(tiny_run):
+    """Every backend timed through fused_concat is also timed through torch.ops, the default one with float
+    factors too; each ratio is its row's time over the trivial op's, measured in this run."""
     result, out, _ = tiny_run
     rows = {r["provider"]: r for r in result.rows if r["section"] == "overhead" and r["median_us"] is not None}
-    assert {"torch.cat", TRIVIAL_OP, "freeu_kernels[torch]"} <= set(rows)
-    assert rows[TRIVIAL_OP]["vs_trivial_op"] == 1.0
-    assert all(r["vs_trivial_op"] > 0 and r["aten_ops"] >= 1 for r in rows.values())
-    assert "## Per-call overhead" in (out / "report.md").read_text()
+    assert {TORCH_CAT, TRIVIAL_OP, "freeu_kernels[torch]", fused_provider_name("torch", VIA_DISPATCHER)} <= set(rows)
+    wrappers = [name for name in rows if is_fused(name) and name == fused_provider_name(fused_backend(name))]
+    assert {fused_provider_name(fused_backend(name), VIA_DISPATCHER) for name in wrappers} <= set(rows)
+    default = rows["freeu_kernels[torch]"]["default_backend"]
+    assert fused_provider_name(default, FLOAT_FACTORS) in rows
+    assert [name for name in rows if name.endswith(FLOAT_FACTORS)] == [fused_provider_name(default, FLOAT_FACTORS)]
+    trivial = rows[TRIVIAL_OP]["median_us"]
+    for row in rows.values():
+        assert row["vs_trivial_op"] == pytest.approx(row["median_us"] / trivial) and row["aten_ops"] >= 1
+    report = (out / "report.md").read_text()
+    overhead_section = report.split("## Per-call overhead")[1].split("\n## ")[0]
+    for name in rows:  # one table row per provider
+        assert sum(line.startswith(f"| {name} |") or line.startswith(f"| {name} (default) |")
+                   for line in overhead_section.splitlines()) == 1, name
+
+
+def test_overhead_target_per_backend_from_its_rows(tiny_run):
+    """One target line per backend in the overhead section, on the worst of its rows, as stated in report.md."""
+    result, out, _ = tiny_run
+    rows = [r for r in result.rows if r["section"] == "overhead" and is_fused(r["provider"])]
+    targets = [t for t in result.summary["targets"] if t["target"] == OVERHEAD_TARGET]
+    backends = sorted({fused_backend(r["provider"]) for r in rows})
+    assert sorted(t["provider"] for t in targets) == [fused_provider_name(b) for b in backends]
+    report = (out / "report.md").read_text().split("## Targets")[1].split("\n## ")[0]
+    for target in targets:
+        mine = [r for r in rows if fused_backend(r["provider"]) == fused_backend(target["provider"])]
+        worst = max(mine, key=lambda r: r["vs_trivial_op"])
+        assert target["measured"].startswith(f"worst {_ratio(worst['vs_trivial_op'])} ({worst['provider']})")
+        assert target["verdict"] == (MET if worst["vs_trivial_op"] <= OVERHEAD_LIMIT else NOT_MET)
+        assert f"| {OVERHEAD_TARGET} | {target['provider']} | {target['measured']} | {target['verdict']} |" in report
+
+
+def _overhead_rows(times_us):
+    """Overhead-section rows with the given per-call times (microseconds) by provider, ratios derived."""
+    rows = [result_row("overhead", OVERHEAD_CASE, name, "eager", Timing(t / 1e6, t / 1e6, t / 1e6, 10, "test"), {})
+            for name, t in times_us.items()]
+    return add_derived_metrics(rows)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_overhead_target_takes_the_worst_way_to_call_a_backend(device_type):
+    """A backend whose dispatcher path exceeds the limit fails the target even when fused_concat is within;
+    without overhead rows, or without the trivial op to compare with, it is not measured."""
+    torch_ops = fused_provider_name("torch", VIA_DISPATCHER)
+    rows = _overhead_rows({TRIVIAL_OP: 10.0, "freeu_kernels[torch]": 15.0, torch_ops: 25.0,
+                           "freeu_kernels[cpu]": 12.0, fused_provider_name("cpu", VIA_DISPATCHER): 19.0})
+    verdicts = {t["provider"]: t for t in evaluate_targets(rows, device_type) if t["target"] == OVERHEAD_TARGET}
+    assert verdicts["freeu_kernels[torch]"]["verdict"] == NOT_MET
+    assert verdicts["freeu_kernels[torch]"]["measured"].startswith(f"worst 2.50x ({torch_ops}); 1/2 rows within")
+    assert verdicts["freeu_kernels[cpu]"]["verdict"] == MET
+    for missing in ([], _overhead_rows({"freeu_kernels[cpu]": 12.0})):
+        assert [t["verdict"] for t in evaluate_targets(missing, device_type)
+                if t["target"] == OVERHEAD_TARGET] == [NOT_MEASURED]
 
 
 def test_every_row_names_the_instruction_set(tiny_run):

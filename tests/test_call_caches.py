@@ -19,13 +19,13 @@ H = torch.randn(1, 4, 8, 16)
 def test_backend_choice_is_per_device_type(monkeypatch):
     """The automatic choice for CUDA tensors is not the one cached for CPU tensors of the same spec (the
     spec holds no device): after a CPU call, a CUDA call must still get the CUDA preference's first."""
-    monkeypatch.setattr(freeu_ops, "_KERNEL_CACHE", {})
+    monkeypatch.setattr(freeu_ops, "_BACKEND_CACHE", {})
     monkeypatch.delenv(freeu_ops.ENV_BACKEND, raising=False)
     spec = make_spec(X, H)
     cuda = torch.device("cuda")
     cold = freeu_ops.resolve_backend("auto", cuda, spec)  # no CUDA device needed: the choice is by type
-    freeu_ops._kernel_for(spec, "auto", torch.device("cpu"), False)
-    assert freeu_ops._kernel_for(spec, "auto", cuda, False) is freeu_kernels.backends.registry.kernel(cold.value)
+    freeu_ops._backend_for(spec, "auto", torch.device("cpu"), False)
+    assert freeu_ops._backend_for(spec, "auto", cuda, False) == cold.value
 
 
 def test_factor_sign_of_zero_is_kept():

@@ -24,7 +24,7 @@ import torch
 
 from ..spec import KERNEL_DTYPES, MAX_LOWRANK_FREQUENCIES_PER_AXIS, FreeUSpec, allocate_output, output_memory_format
 
-__all__ = ["ABI_VERSION", "KernelLibrary", "PlanInfo", "launch", "load_library"]
+__all__ = ["ABI_VERSION", "KernelLibrary", "PlanInfo", "bind_launch", "launch", "load_library"]
 
 
 def _dtype_error(x: torch.Tensor, kernel: str) -> TypeError:
@@ -143,19 +143,6 @@ def _mode_layout(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     return t if fastest_ok else t.contiguous(memory_format=fmt)
 
 
-def _factor(name: str, value: torch.Tensor, device: torch.device, by_pointer: bool):
-    """(pointer, is_float64, value, keep-alive) for b or s: a CPU tensor by value, a device tensor by pointer."""
-    if not isinstance(value, torch.Tensor) or value.dim() != 0:
-        raise ValueError(f"{name} must be a 0-d tensor, got {type(value).__name__}")
-    if value.device.type == "cpu" and not by_pointer:
-        return None, 0, float(value), None  # host value: no device access, no sync
-    if value.device != device:
-        raise ValueError(f"{name} must be on the CPU or on {device}, got {value.device}")
-    if value.dtype not in (torch.float32, torch.float64):
-        value = value.to(torch.float32)  # stream-ordered device op; kept alive until the launch is queued
-    return value.data_ptr(), int(value.dtype == torch.float64), 0.0, value
-
-
 def _check_sizes(spec: FreeUSpec, tensors, kernel: str) -> None:
     if spec.height > _MAX_AXIS or spec.width > _MAX_AXIS:
         raise ValueError(
@@ -172,15 +159,29 @@ def _check_sizes(spec: FreeUSpec, tensors, kernel: str) -> None:
 
 
 class _LaunchPlan:
-    """What one (spec, strides, mode) key needs per call, computed once: the checks' verdict, whether an
-    input must be copied into the mode's layout, and the argument struct with every field but the data
-    pointers and factor values filled in (as bytes, copied per call so concurrent calls never share one)."""
+    """One bound launch: what every call with one (spec, strides, mode) key needs, computed once, and the
+    call itself (:meth:`run`).
 
-    __slots__ = ("fmt", "template", "skip_offset", "copy_x", "copy_h", "out_empty")
+    Computed here: the checks' verdict (dtype, sizes, addressing), whether an input must be copied into
+    the mode's layout, the output's shape and strides, and the argument struct with every field but the
+    data pointers, factors and thread count filled in (as bytes, copied per call so concurrent calls
+    never share one). The library is bound too: a call then only allocates, fills pointers and calls.
+    """
 
-    def __init__(self, x, h, spec: FreeUSpec, num_sms: int, kernel: str):
+    __slots__ = ("lib", "kernel", "fmt", "template", "skip_offset", "copy_x", "copy_h", "out_empty", "skip_channels",
+                 "map_needed", "map_sizes", "factors_by_pointer", "device")
+
+    def __init__(self, lib: ctypes.CDLL, x, h, spec: FreeUSpec, num_sms: int, kernel: str,
+                 factors_by_pointer: bool = False, host_library: bool = False):
+        if x.dtype not in _DTYPE_CODES:
+            raise _dtype_error(x, kernel)
         _check_sizes(spec, [("x", x), ("h", h)], kernel)
+        self.lib, self.kernel, self.device = lib, kernel, x.device
+        # A host library reads a CPU factor through its pointer (no .item()); a device library reads CPU
+        # factors by value (unless told to: the emulator reads host memory) and device ones by pointer.
+        self.factors_by_pointer = factors_by_pointer or host_library
         out = allocate_output(x, spec.skip_channels)  # strides only: allocate_output is deterministic
+        self.skip_channels = spec.skip_channels
         self.out_empty = out.numel() == 0
         self.fmt = fmt = output_memory_format(x)
         x_in, h_in = _mode_layout(x, fmt), _mode_layout(h, fmt)
@@ -190,6 +191,8 @@ class _LaunchPlan:
         _check_sizes(spec, [("out", out)], kernel)
         self.skip_offset = (out_h.data_ptr() - out.data_ptr()) if out.numel() else 0
         start, stop = spec.window
+        self.map_needed = spec.version == 2 and stop > start and cx > 0
+        self.map_sizes = [spec.batch, spec.frames, spec.height, spec.width]
         band = spec.band
         args = _Args(
             abi_version=ABI_VERSION,
@@ -206,15 +209,81 @@ class _LaunchPlan:
         )
         self.template = bytes(args)
 
+    def _factor(self, name: str, value: torch.Tensor):
+        """(pointer or None, is_float64, host value, keep-alive) for b or s."""
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            raise ValueError(f"{name} must be a 0-d tensor, got {type(value).__name__}")
+        on_host = value.is_cpu
+        if on_host and not self.factors_by_pointer:
+            return None, 0, float(value), None  # host value for a device kernel: no access, no sync
+        if not on_host and value.device != self.device:
+            raise ValueError(f"{name} must be on the CPU or on {self.device}, got {value.device}")
+        dtype = value.dtype
+        if dtype is not torch.float32 and dtype is not torch.float64:
+            value = value.to(torch.float32)  # stream-ordered device op; kept alive until the launch is queued
+        return value.data_ptr(), int(dtype is torch.float64), 0.0, value
+
+    def run(self, x: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: torch.Tensor,
+            scale_map: Optional[torch.Tensor] = None, *, stream: int = 0, num_sms: Optional[int] = None
+            ) -> torch.Tensor:
+        """One call for x, h of this plan's key: allocate the output, fill the struct, call the library.
+
+        ``num_sms`` overrides the thread count packed in the plan (the CPU library follows
+        torch.get_num_threads per call). Raises ValueError for arguments the kernel rejects, RuntimeError
+        for a CUDA error.
+        """
+        out = allocate_output(x, self.skip_channels)  # per call (the tests' NaN-poisoned buffers replace it)
+        if self.out_empty:
+            return out
+        x_in = x.contiguous(memory_format=self.fmt) if self.copy_x else x
+        h_in = h.contiguous(memory_format=self.fmt) if self.copy_h else h
+        args = _Args.from_buffer_copy(self.template)
+        args.x.data, args.skip.data = x_in.data_ptr(), h_in.data_ptr()
+        args.out_x.data = out_ptr = out.data_ptr()
+        args.out_skip.data = out_ptr + self.skip_offset
+        if num_sms is not None:
+            args.num_sms = num_sms
+        args.b_ptr, args.b_is_f64, args.b_value, b_keep = self._factor("b", b)
+        args.s_ptr, args.s_is_f64, args.s_value, s_keep = self._factor("s", s)
+        map_keep = None
+        if self.map_needed:
+            if scale_map is None:
+                raise ValueError("scale_map must be given for version 2 (the op computes it from x)")
+            map_keep = scale_map.to(device=x.device, dtype=torch.float32)
+            sizes, strides = list(map_keep.shape), list(map_keep.stride())
+            if map_keep.dim() == 3:
+                sizes.insert(1, 1)
+                strides.insert(1, 0)
+            if sizes != self.map_sizes:
+                raise ValueError(f"scale_map must have shape (N, [F,] H, W), got {tuple(map_keep.shape)}")
+            args.scale_map = map_keep.data_ptr()
+            args.map_stride = (ctypes.c_int64 * 4)(*[0 if n == 1 else st for n, st in zip(sizes, strides)])
+
+        code = self.lib.freeu_fused_concat(ctypes.byref(args), stream or None)
+        del b_keep, s_keep, map_keep  # freed after queueing: the caching allocator orders reuse on this stream
+        if code != 0:
+            message = self.lib.freeu_error_string(code).decode(errors="replace")
+            if code < 0:
+                raise ValueError(f"the {self.kernel} kernel rejected its arguments: {message} (code {code})")
+            raise RuntimeError(f"the {self.kernel} kernel failed to launch: {message} (cudaError {code})")
+        return out
+
 
 _PLANS: dict = {}
 
 
-def _plan(x, h, spec: FreeUSpec, num_sms: int, kernel: str) -> _LaunchPlan:
-    key = (spec, x.stride(), h.stride(), num_sms, kernel)
+def bind_launch(lib: ctypes.CDLL, x: torch.Tensor, h: torch.Tensor, spec: FreeUSpec, *, num_sms: int = 0,
+                factors_by_pointer: bool = False, host_library: bool = False, kernel: str = "CUDA") -> _LaunchPlan:
+    """The launch of ``lib`` for every call with x's and h's strides and this spec, checked and packed once.
+
+    Cached per (library, spec, strides, num_sms, options); :meth:`_LaunchPlan.run` is the call. Raises
+    TypeError for a dtype the kernel does not compute and ValueError for sizes or strides it cannot
+    address, here, before anything is cached.
+    """
+    key = (id(lib), spec, x.stride(), h.stride(), num_sms, factors_by_pointer, host_library, kernel)
     plan = _PLANS.get(key)
-    if plan is None:
-        plan = _LaunchPlan(x, h, spec, num_sms, kernel)
+    if plan is None or plan.lib is not lib:
+        plan = _LaunchPlan(lib, x, h, spec, num_sms, kernel, factors_by_pointer, host_library)
         if len(_PLANS) >= 4096:
             _PLANS.clear()
         _PLANS[key] = plan
@@ -223,55 +292,21 @@ def _plan(x, h, spec: FreeUSpec, num_sms: int, kernel: str) -> _LaunchPlan:
 
 def launch(lib: ctypes.CDLL, x: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: torch.Tensor, spec: FreeUSpec,
            scale_map: Optional[torch.Tensor] = None, *, stream: int = 0, num_sms: int = 0,
-           factors_by_pointer: bool = False, kernel: str = "CUDA") -> torch.Tensor:
+           factors_by_pointer: bool = False, host_library: bool = False, kernel: str = "CUDA") -> torch.Tensor:
     """Fills the C arguments from the tensors and runs ``freeu_fused_concat`` of ``lib`` on ``stream``.
 
     Device-agnostic on purpose: with a host library (the CPU kernel, or the CUDA kernel's emulator in the
     tests) the same code runs on CPU tensors. ``num_sms`` is the device's multiprocessor count for the
-    CUDA library and the number of threads for the CPU one; ``kernel`` names the library in messages.
+    CUDA library and the number of threads for the CPU one; ``kernel`` names the library in messages;
+    ``factors_by_pointer`` passes CPU factors by pointer to a device library (the emulator reads host
+    memory), ``host_library`` says the library runs on the host (it reads CPU factors by pointer).
     Raises TypeError for a dtype the kernel does not compute, ValueError for arguments it cannot address,
-    RuntimeError for a CUDA error. Everything but the pointers and factor values is packed once per
-    (spec, strides, num_sms) key (_LaunchPlan); a call then fills a copy of that struct.
+    RuntimeError for a CUDA error. Everything but the pointers and factors is packed once per key
+    (bind_launch); a call then fills a copy of that struct.
     """
-    if x.dtype not in _DTYPE_CODES:
-        raise _dtype_error(x, kernel)
-    plan = _plan(x, h, spec, num_sms, kernel)
-    out = allocate_output(x, spec.skip_channels)  # per call (the tests' NaN-poisoned buffers replace it)
-    if plan.out_empty:
-        return out
-    x_in = x.contiguous(memory_format=plan.fmt) if plan.copy_x else x
-    h_in = h.contiguous(memory_format=plan.fmt) if plan.copy_h else h
-    args = _Args.from_buffer_copy(plan.template)
-    args.x.data, args.skip.data = x_in.data_ptr(), h_in.data_ptr()
-    args.out_x.data = out_ptr = out.data_ptr()
-    args.out_skip.data = out_ptr + plan.skip_offset
-
-    b_ptr, args.b_is_f64, args.b_value, b_keep = _factor("b", b, x.device, factors_by_pointer)
-    s_ptr, args.s_is_f64, args.s_value, s_keep = _factor("s", s, x.device, factors_by_pointer)
-    args.b_ptr, args.s_ptr = b_ptr, s_ptr
-    start, stop = spec.window
-    map_keep = None
-    if spec.version == 2 and stop > start and spec.backbone_channels_total > 0:
-        if scale_map is None:
-            raise ValueError("scale_map must be given for version 2 (the op computes it from x)")
-        map_keep = scale_map.to(device=x.device, dtype=torch.float32)
-        sizes, strides = list(map_keep.shape), list(map_keep.stride())
-        if map_keep.dim() == 3:
-            sizes.insert(1, 1)
-            strides.insert(1, 0)
-        if sizes != [spec.batch, spec.frames, spec.height, spec.width]:
-            raise ValueError(f"scale_map must have shape (N, [F,] H, W), got {tuple(map_keep.shape)}")
-        args.scale_map = map_keep.data_ptr()
-        args.map_stride = (ctypes.c_int64 * 4)(*[0 if n == 1 else st for n, st in zip(sizes, strides)])
-
-    code = lib.freeu_fused_concat(ctypes.byref(args), ctypes.c_void_p(stream or None))
-    del b_keep, s_keep, map_keep  # freed after queueing: the caching allocator orders reuse on this stream
-    if code != 0:
-        message = lib.freeu_error_string(code).decode(errors="replace")
-        if code < 0:
-            raise ValueError(f"the {kernel} kernel rejected its arguments: {message} (code {code})")
-        raise RuntimeError(f"the {kernel} kernel failed to launch: {message} (cudaError {code})")
-    return out
+    plan = bind_launch(lib, x, h, spec, num_sms=num_sms, factors_by_pointer=factors_by_pointer,
+                       host_library=host_library, kernel=kernel)
+    return plan.run(x, h, b, s, scale_map, stream=stream)
 
 
 class KernelLibrary:

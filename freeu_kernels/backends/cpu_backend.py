@@ -32,9 +32,10 @@ from typing import Optional
 import torch
 
 from ..spec import FreeUSpec
-from .c_abi import KernelLibrary, launch
+from .c_abi import KernelLibrary, bind_launch
 
-__all__ = ["ENV_ISA", "ENV_LIBRARY", "LIBRARY_NAME", "fused_concat_cpu", "isa", "library_path", "load_error"]
+__all__ = ["ENV_ISA", "ENV_LIBRARY", "LIBRARY_NAME", "bind_cpu", "fused_concat_cpu", "isa", "library_path",
+           "load_error"]
 
 ENV_LIBRARY = "FREEU_KERNELS_CPU_LIB"  # path of the shared library, overriding the packaged one
 # The library carries the kernels compiled for x86-64-v4 (AVX-512, 16 float lanes per vector), x86-64-v3
@@ -68,8 +69,24 @@ def isa() -> Optional[str]:
     return lib.freeu_cpu_isa().decode()
 
 
+def bind_cpu(spec: FreeUSpec, x: torch.Tensor, h: torch.Tensor):
+    """The kernel bound to x's and h's shapes and strides (registry.bind contract): a function
+    ``run(x, h, b, s, scale_map) -> out`` for every call with those, checked and packed once.
+
+    Per call it allocates the output, fills the data pointers (b and s are read through theirs: no
+    .item()) and torch's current thread count, and makes one ctypes call.
+    """
+    lib = _LIBRARY.for_call(x, "cpu", "CPU", "cpu")
+    plan = bind_launch(lib, x, h, spec, num_sms=torch.get_num_threads(), host_library=True, kernel="CPU")
+    run_plan, num_threads = plan.run, torch.get_num_threads
+
+    def run(x, h, b, s, scale_map=None):
+        return run_plan(x, h, b, s, scale_map, num_sms=num_threads())
+
+    return run
+
+
 def fused_concat_cpu(x: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: torch.Tensor, spec: FreeUSpec,
                      scale_map: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The registry kernel (registry.py contract): one call of the CPU kernel on torch's thread count."""
-    lib = _LIBRARY.for_call(x, "cpu", "CPU", "cpu")
-    return launch(lib, x, h, b, s, spec, scale_map, num_sms=torch.get_num_threads(), kernel="CPU")
+    return bind_cpu(spec, x, h)(x, h, b, s, scale_map)

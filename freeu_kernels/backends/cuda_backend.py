@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 
 from ..spec import FreeUSpec
-from .c_abi import ABI_VERSION, KernelLibrary, launch, load_library
+from .c_abi import ABI_VERSION, KernelLibrary, bind_launch, launch, load_library
 
-__all__ = ["load_error", "fused_concat_cuda", "library_path", "launch", "load_library", "ENV_LIBRARY",
+__all__ = ["load_error", "bind_cuda", "fused_concat_cuda", "library_path", "launch", "load_library", "ENV_LIBRARY",
            "ABI_VERSION"]
 
 ENV_LIBRARY = "FREEU_KERNELS_CUDA_LIB"  # path of the shared library, overriding the packaged one
@@ -50,13 +50,21 @@ def load_error() -> Optional[str]:
 
 
 _PREPARED = set()
+_MULTIPROCESSORS = {}  # device index -> multiprocessor count (a device property: read once)
+# The current stream's cudaStream_t without building a torch.cuda.Stream object per call (what
+# torch.cuda.current_stream(device).cuda_stream returns; the private binding is the one Inductor's
+# generated launchers use, and the public form is the fallback where a torch build lacks it).
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
-def fused_concat_cuda(x: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: torch.Tensor, spec: FreeUSpec,
-                      scale_map: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The registry kernel (registry.py contract): one launch of the CUDA kernel on the current stream."""
-    lib = _LIBRARY.for_call(x, "cuda", "CUDA", "cuda")
-    device = x.device
+def _current_raw_stream(index: int) -> int:
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+def _prepare(lib, device: torch.device) -> int:
+    """Loads the kernels on ``device`` once (outside any graph capture); its multiprocessor count."""
     with torch.cuda.device(device):
         if device.index not in _PREPARED and not torch.cuda.is_current_stream_capturing():
             # CUDA loads modules lazily at the first launch; do it here, outside any graph capture.
@@ -64,6 +72,34 @@ def fused_concat_cuda(x: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: torc
             if code != 0:
                 raise RuntimeError(f"loading the CUDA kernels failed: {lib.freeu_error_string(code).decode()}")
             _PREPARED.add(device.index)
-        props = torch.cuda.get_device_properties(device)
-        return launch(lib, x, h, b, s, spec, scale_map, stream=torch.cuda.current_stream(device).cuda_stream,
-                      num_sms=props.multi_processor_count)
+    count = _MULTIPROCESSORS.get(device.index)
+    if count is None:
+        count = _MULTIPROCESSORS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return count
+
+
+def bind_cuda(spec: FreeUSpec, x: torch.Tensor, h: torch.Tensor):
+    """The kernel bound to x's and h's shapes, strides and device (registry.bind contract): a function
+    ``run(x, h, b, s, scale_map) -> out``, checked and packed once; a call queues one launch on the
+    current stream of x's device."""
+    lib = _LIBRARY.for_call(x, "cuda", "CUDA", "cuda")
+    device = x.device
+    plan = bind_launch(lib, x, h, spec, num_sms=_prepare(lib, device), kernel="CUDA")
+
+    index = device.index
+
+    def run(x, h, b, s, scale_map=None):
+        if index not in _PREPARED:  # bound during a capture: load the module at the first eager call
+            _prepare(lib, device)
+        if torch.cuda.current_device() == index:  # the common case: no device switch around the launch
+            return plan.run(x, h, b, s, scale_map, stream=_current_raw_stream(index))
+        with torch.cuda.device(device):
+            return plan.run(x, h, b, s, scale_map, stream=_current_raw_stream(index))
+
+    return run
+
+
+def fused_concat_cuda(x: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: torch.Tensor, spec: FreeUSpec,
+                      scale_map: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The registry kernel (registry.py contract): one launch of the CUDA kernel on the current stream."""
+    return bind_cuda(spec, x, h)(x, h, b, s, scale_map)

@@ -3,6 +3,10 @@
 Every kernel has one signature: ``kernel(x, h, b, s, spec, scale_map) -> out`` with b, s 0-d float32
 (float64 for float64 inputs) tensors, ``spec`` the validated :class:`~freeu_kernels.spec.FreeUSpec`, and
 ``scale_map`` the version-2 scale ``(b - 1) m^ + 1`` of shape (N, [F,] H, W) or None for version 1.
+Each backend also has a binder, ``bind(spec, x, h) -> run``: ``run(x, h, b, s, scale_map) -> out`` is the
+kernel for every call whose x and h have the given ones' shapes, strides, dtype and device, with all the
+work that depends only on those (checks, launch plans, tables, argument packing) done once in bind. The
+op caches one runner per such key (ops._CallPlan), so a repeated call costs the runner alone.
 Kernel modules are imported on first use, so importing the package never needs Triton or the extension.
 """
 
@@ -29,11 +33,12 @@ CPU_PREFERENCE = ("cpu", "torch")
 # Every backend, in the order available_backends lists the ones outside the automatic choice.
 PREFERENCE_ORDER = ("torch", "cpu", "triton", "cuda")
 
+# name -> (module, kernel function, binder).
 _MODULES = {
-    "torch": ("freeu_kernels.backends.torch_backend", "fused_concat_torch"),
-    "cpu": ("freeu_kernels.backends.cpu_backend", "fused_concat_cpu"),
-    "triton": ("freeu_kernels.backends.triton_backend", "fused_concat_triton"),
-    "cuda": ("freeu_kernels.backends.cuda_backend", "fused_concat_cuda"),
+    "torch": ("freeu_kernels.backends.torch_backend", "fused_concat_torch", "bind_torch"),
+    "cpu": ("freeu_kernels.backends.cpu_backend", "fused_concat_cpu", "bind_cpu"),
+    "triton": ("freeu_kernels.backends.triton_backend", "fused_concat_triton", "bind_triton"),
+    "cuda": ("freeu_kernels.backends.cuda_backend", "fused_concat_cuda", "bind_cuda"),
 }
 
 
@@ -123,5 +128,15 @@ def auto_order(device: torch.device):
 
 def kernel(name: str) -> Callable:
     """The kernel function of backend ``name`` (imports its module on first use)."""
-    module_name, attr = _MODULES[name]
+    module_name, attr, _ = _MODULES[name]
     return getattr(importlib.import_module(module_name), attr)
+
+
+def bind(name: str, spec, x: torch.Tensor, h: torch.Tensor) -> Callable:
+    """Backend ``name``'s runner for calls shaped like (x, h): ``run(x, h, b, s, scale_map) -> out``.
+
+    Raises what the kernel would raise for such a call (TypeError for a dtype it does not compute,
+    ValueError for sizes or strides it cannot address), before anything is cached.
+    """
+    module_name, _, binder = _MODULES[name]
+    return getattr(importlib.import_module(module_name), binder)(spec, x, h)

@@ -33,7 +33,7 @@ from .triton_kernels import (
     freeu_concat_kernel,
 )
 
-__all__ = ["fused_concat_triton", "launch_plan", "LaunchPlan", "twiddle_table", "logical_strides"]
+__all__ = ["bind_triton", "fused_concat_triton", "launch_plan", "LaunchPlan", "twiddle_table", "logical_strides"]
 
 # Skip elements one program holds in registers at most; larger planes are swept in row chunks.
 _SKIP_TILE_ELEMENTS = 4096
@@ -257,29 +257,50 @@ def _cached_table(band: FrequencyBand, table_shape, device: torch.device) -> tor
     return table
 
 
-def fused_concat_triton(x, h, b, s, spec: FreeUSpec, scale_map=None) -> torch.Tensor:
-    """FreeU at one concat in one Triton launch (see triton_kernels.py for the kernel)."""
+def bind_triton(spec: FreeUSpec, x, h):
+    """The launch bound to x's and h's shapes, strides and device (registry.bind contract): a function
+    ``run(x, h, b, s, scale_map) -> out`` whose call allocates the output and queues one launch.
+
+    The launch plan (grid, constexprs, runtime integers) is computed here, once; the twiddle table is
+    looked up per call (_cached_table: under CUDA-graph capture it is built, not cached).
+    """
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; the triton backend takes {KERNEL_DTYPES}; use backend='torch'")
-    out = allocate_output(x, spec.skip_channels)
-    if out.numel() == 0:
+    out = allocate_output(x, spec.skip_channels)  # strides only: allocate_output is deterministic
+    empty = out.numel() == 0
+    strides = (logical_strides(x), logical_strides(h), logical_strides(out))
+    device_type, band, high_gain = x.device.type, spec.band, spec.high_gain
+    plans = {}  # (factors in memory, has map) -> launch plan: at most four per binding
+
+    def run(x, h, b, s, scale_map=None):
+        out = allocate_output(x, spec.skip_channels)
+        if empty:
+            return out
+        factors_in_memory = b.device == x.device and s.device == x.device
+        if factors_in_memory:
+            b_val = s_val = 0.0
+        else:
+            b_val, s_val = float(b.item()), float(s.item())  # CPU scalars: read on the host, no device sync
+        variant = (factors_in_memory, scale_map is not None)
+        bound = plans.get(variant)
+        if bound is None:
+            plan = launch_plan(spec, *strides, device_type, *variant)
+            # The keyword arguments merged once: a call then unpacks one dict instead of building it.
+            bound = plans[variant] = (plan, freeu_concat_kernel[plan.grid],
+                                      {**plan.scalars, **plan.constexprs, **plan.options})
+        plan, kernel, keywords = bound
+        if plan.grid[0] == 0:
+            return out
+        table = _cached_table(band, plan.table_shape, x.device)
+        if scale_map is not None:
+            scale_map = scale_map.to(device=x.device, dtype=torch.float32).contiguous()
+        kernel(x, h, out, scale_map if scale_map is not None else x, table,
+               b if factors_in_memory else x, s if factors_in_memory else x, b_val, s_val, high_gain, **keywords)
         return out
-    factors_in_memory = b.device == x.device and s.device == x.device
-    if factors_in_memory:
-        b_val = s_val = 0.0
-    else:
-        b_val, s_val = float(b.item()), float(s.item())  # CPU scalars: read on the host, no device sync
-    plan = launch_plan(spec, logical_strides(x), logical_strides(h), logical_strides(out), x.device.type,
-                       factors_in_memory, scale_map is not None)
-    if plan.grid[0] == 0:
-        return out
-    table = _cached_table(spec.band, plan.table_shape, x.device)
-    if scale_map is not None:
-        scale_map = scale_map.to(device=x.device, dtype=torch.float32).contiguous()
-    freeu_concat_kernel[plan.grid](
-        x, h, out, scale_map if scale_map is not None else x, table,
-        b if factors_in_memory else x, s if factors_in_memory else x,
-        b_val, s_val, spec.high_gain,
-        **plan.scalars, **plan.constexprs, **plan.options,
-    )
-    return out
+
+    return run
+
+
+def fused_concat_triton(x, h, b, s, spec: FreeUSpec, scale_map=None) -> torch.Tensor:
+    """FreeU at one concat in one Triton launch (see triton_kernels.py for the kernel)."""
+    return bind_triton(spec, x, h)(x, h, b, s, scale_map)
