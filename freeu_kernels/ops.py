@@ -166,27 +166,31 @@ class _CallPlan:
     the extra channel ranges.
     """
 
-    __slots__ = ("spec", "backend", "run", "factor_dtype", "needs_map")
+    __slots__ = ("spec", "backend", "run", "factor_dtype", "needs_map", "extra_windows")
 
     def __init__(self, spec: FreeUSpec, backend: str, x: torch.Tensor, h: torch.Tensor):
         self.spec, self.backend = spec, backend
         self.run = registry.bind(backend, spec, x, h)
         self.factor_dtype = _factor_dtype(x.dtype)
         self.needs_map = spec.version == 2 and bool(spec.windows) and x.numel() > 0
+        self.extra_windows = bool(spec.extra_windows)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """The op's output for x, h of this plan's key and checked 0-d factors b, s."""
         factor_dtype = self.factor_dtype
-        if b.dtype != factor_dtype:
+        if b.dtype is not factor_dtype:  # torch.dtype objects are singletons
             b = b.to(factor_dtype)
-        if s.dtype != factor_dtype:
+        if s.dtype is not factor_dtype:
             s = s.to(factor_dtype)
-        scale_map = None
-        if self.needs_map:
-            # A CPU 0-d b combines with a device map as a scalar: no host-to-device copy, capture-safe.
-            scale_map = (b - 1) * structure_map(x).to(factor_dtype) + 1
+        if not self.needs_map:
+            out = self.run(x, h, b, s, None)
+            if self.extra_windows:
+                _write_extra_windows(out, x, b, self.spec, None)
+            return out
+        # A CPU 0-d b combines with a device map as a scalar: no host-to-device copy, capture-safe.
+        scale_map = (b - 1) * structure_map(x).to(factor_dtype) + 1
         out = self.run(x, h, b, s, scale_map)
-        if self.spec.extra_windows:
+        if self.extra_windows:
             _write_extra_windows(out, x, b, self.spec, scale_map)
         return out
 
@@ -200,8 +204,8 @@ _CALL_PLANS: Dict[tuple, _CallPlan] = {}
 def _plain_factor(value: torch.Tensor, device: torch.device) -> bool:
     """The common case check_factor accepts, tested in a few attribute reads: a dense 0-d float32/float64
     tensor on the CPU or on x's device (anything else goes through check_factor for its message)."""
-    return (value.layout == torch.strided and value.dim() == 0 and value.dtype in _FLOAT_FACTOR_DTYPES
-            and (value.device.type == "cpu" or value.device == device))
+    return (value.dim() == 0 and value.layout is torch.strided and value.dtype in _FLOAT_FACTOR_DTYPES
+            and (value.is_cpu or value.device == device))
 
 
 def _call_plan(x, h, threshold=1, threshold_cols=-1, version=1, backbone_channels=None, high_gain=1.0, mask="box",
@@ -240,10 +244,12 @@ def _run_validated(x, h, b, s, threshold, threshold_cols, version, backbone_chan
     """_fused_concat_impl with the schema's arguments in order: the plan (memoised, else validated in full),
     the factors checked, the plan run."""
     plan = _call_plan(x, h, threshold, threshold_cols, version, backbone_channels, high_gain, mask, backend)
-    if not (type(b) is torch.Tensor and type(s) is torch.Tensor and _plain_factor_tensor(b, x)
-            and _plain_factor_tensor(s, x)):  # the common case in a few reads
-        check_factor("b", b, x.device)
-        check_factor("s", s, x.device)
+    # Reached through the dispatcher, below every key that rewrites tensors (a negative view's bit, a
+    # functional wrapper, a subclass): only what check_factor asks is left, in a few reads.
+    device = x.device
+    if not (_plain_factor(b, device) and _plain_factor(s, device)):
+        check_factor("b", b, device)
+        check_factor("s", s, device)
     return plan.forward(x, h, b, s)
 
 
