@@ -4,13 +4,15 @@ The low-rank filter's work grows with the number of masked frequencies per axis;
 ``freeu_kernels.spec.MAX_LOWRANK_FREQUENCIES_PER_AXIS`` (16) is where the op switches today. This module
 times, at thresholds 1..16 for the box and the radial mask, on the same inputs and interleaved:
 
-- ``lowrank[NAME]``: ``fused_concat(backend=NAME)`` with the cutover lifted, so the low-rank path runs at
-  every threshold (past the cutover it would otherwise take the FFT path);
-- ``fft``: ``fused_concat(backend="torch")`` with the cutover at 0, so every threshold takes the torch
-  backend's FFT path (rfft2, symmetrised gains, irfft2): what the op switches to.
+- ``lowrank[NAME]``: backend NAME's kernel with the cutover lifted, so the low-rank path runs at every
+  threshold (past the cutover it would otherwise take the FFT path);
+- ``fft``: the torch backend's kernel with the cutover at 0, so every threshold takes its FFT path
+  (rfft2, symmetrised gains, irfft2): what the op switches to.
 
-The cutover is lifted or lowered by setting the module constant for the duration of each call (the spec
-reads it on every call); nothing else in the package changes. Every output is checked against the
+Each is the backend's runner (freeu_kernels.backends.registry.bind) bound while the module constant is
+set to the forced cutover (a runner fixes its path when it is bound), then called like the op calls it:
+the kernels' time without the op's per-call wrapper, which is the same for both sides. Nothing else in
+the package changes (the op's own call plans are untouched). Every output is checked against the
 reference before it is timed. The fused kernels (cpu, triton, cuda) hold at most
 KERNEL_MAX_FREQUENCIES_PER_AXIS frequencies per axis in registers; thresholds past that are not run on
 them and their rows say "not supported by this backend" (the torch backend's low-rank filter has no limit).
@@ -27,6 +29,7 @@ import torch
 
 import freeu_kernels
 from freeu_kernels import spec as freeu_spec
+from freeu_kernels.backends import registry
 
 from .cases import SHORT_DTYPE, CrossoverCase
 from .names import FFT, NOT_SUPPORTED
@@ -51,7 +54,7 @@ def lowrank_name(backend: str) -> str:
 
 @contextlib.contextmanager
 def lowrank_cutover(limit: int) -> Iterator[None]:
-    """Temporarily set MAX_LOWRANK_FREQUENCIES_PER_AXIS (the spec reads it on every call)."""
+    """Temporarily set MAX_LOWRANK_FREQUENCIES_PER_AXIS (FreeUSpec.uses_fft_fallback reads it when asked)."""
     saved = freeu_spec.MAX_LOWRANK_FREQUENCIES_PER_AXIS
     freeu_spec.MAX_LOWRANK_FREQUENCIES_PER_AXIS = limit
     try:
@@ -67,11 +70,20 @@ def frequencies_per_axis(height: int, width: int, threshold: int, mask: str) -> 
 
 
 def _forced_call(inputs, backend: str, limit: int):
-    x, h, b, s, case = inputs.x, inputs.h, inputs.b_tensor, inputs.s_tensor, inputs.case
+    """A call of ``backend``'s kernel with the cutover at ``limit``: its runner (registry.bind) bound on the
+    first call with the cutover set, which is when a runner fixes its path (the op's own call plans are
+    cached per call key, whatever the cutover, so the op itself cannot be forced this way)."""
+    x, h, case = inputs.x, inputs.h, inputs.case
+    factor_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # what the op hands a kernel
+    b, s = inputs.b_tensor.to(factor_dtype), inputs.s_tensor.to(factor_dtype)
+    bound = []
 
     def call():
-        with lowrank_cutover(limit):
-            return freeu_kernels.fused_concat(x, h, b, s, threshold=case.threshold, mask=case.mask, backend=backend)
+        if not bound:
+            with lowrank_cutover(limit):
+                spec = freeu_spec.make_spec(x, h, case.threshold, mask=case.mask)
+                bound.append(registry.bind("torch" if spec.uses_fft_fallback else backend, spec, x, h))
+        return bound[0](x, h, b, s, None)
 
     return call
 

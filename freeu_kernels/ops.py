@@ -136,7 +136,12 @@ def _backend_for(spec: FreeUSpec, requested: str, device: torch.device, channels
 
 
 def _threshold_arg(threshold: int, threshold_cols: int):
-    return threshold if threshold_cols < 0 else (threshold, threshold_cols)
+    """The wrapper's threshold from the schema's pair of ints: -1 columns means "as the rows"."""
+    if threshold_cols == -1:
+        return threshold
+    if threshold_cols < 0:
+        raise ValueError(f"threshold_cols must be >= 0, or -1 for the same as threshold, got {threshold_cols}")
+    return (threshold, threshold_cols)
 
 
 def _write_extra_windows(out: torch.Tensor, x: torch.Tensor, b: torch.Tensor, spec: FreeUSpec, scale_map) -> None:

@@ -17,6 +17,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import freeu_kernels  # noqa: E402
+from freeu_kernels import fused_concat_reference  # noqa: E402
 from bench import OUTPUT_FILES, SuiteConfig, run_suite, write_outputs  # noqa: E402
 from bench.cli import main as bench_main  # noqa: E402
 from bench.cases import Case, CrossoverCase, decoder_concats, op_cases, parse_dtypes  # noqa: E402
@@ -328,3 +329,27 @@ def test_case_lists_and_arguments():
         Case((2, 4, 8, 8), (2, 4, 8, 9), torch.float32)
     with pytest.raises(ValueError, match="unet_models"):  # before anything is measured
         SuiteConfig(device="cpu", unet_models=("sd3",))
+
+
+def test_crossover_forces_each_path_even_after_the_op_cached_its_plan(monkeypatch):
+    """The crossover's "fft" call runs the torch backend's FFT path and "lowrank[torch]" its low-rank path,
+    both at a threshold the op runs low-rank, and after the op has cached its own plan for the same call
+    (forcing through the op's cutover at call time would silently time the cached path on both sides)."""
+    from bench import crossover
+    from bench.cases import CrossoverCase
+    from bench.providers import make_inputs
+    from freeu_kernels.backends import torch_backend
+
+    case = CrossoverCase((1, 2, 24, 40), torch.float32, thresholds=(2,), title="paths")
+    inputs = make_inputs(case.at(2, "box"), torch.device("cpu"))
+    inputs.case = case.at(2, "box")
+    freeu_kernels.fused_concat(inputs.x, inputs.h, inputs.b_tensor, inputs.s_tensor, threshold=2, backend="torch")
+    ffts = []
+    original = torch_backend.filter_skip_fft
+    monkeypatch.setattr(torch_backend, "filter_skip_fft", lambda *a, **k: ffts.append(1) or original(*a, **k))
+    fft, lowrank = crossover._forced_call(inputs, "torch", 0), crossover._forced_call(inputs, "torch", 1 << 30)
+    expected = fused_concat_reference(inputs.x.double(), inputs.h.double(), inputs.b, inputs.s, 2)
+    torch.testing.assert_close(fft().double(), expected, rtol=1e-5, atol=1e-5)
+    assert len(ffts) == 1
+    torch.testing.assert_close(lowrank().double(), expected, rtol=1e-5, atol=1e-5)
+    assert len(ffts) == 1

@@ -88,6 +88,15 @@ def test_huge_threshold_through_the_op_schema_is_clamped_by_the_wrapper():
     torch.testing.assert_close(out, fused_concat(X, H, 1.2, 0.5, threshold=9, backend="torch"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_raw_op_threshold_cols_below_minus_one_is_an_error(backend):
+    """The schema's threshold_cols: >= 0 for a per-axis box, -1 for "as threshold"; -2 is not read as -1."""
+    b, s = torch.tensor(1.2), torch.tensor(0.5)
+    torch.ops.freeu.fused_concat(X, H, b, s, threshold=1, threshold_cols=-1, backend=backend)  # cached
+    with pytest.raises(ValueError, match="threshold_cols"):
+        torch.ops.freeu.fused_concat(X, H, b, s, threshold=1, threshold_cols=-2, backend=backend)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_unavailable_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="'cuda' is not available"):
