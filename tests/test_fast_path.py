@@ -19,7 +19,7 @@ from freeu_kernels import ops as freeu_ops
 
 from conftest import BACKENDS, assert_matches_oracle, make_inputs, oracle
 
-FAST_BACKENDS = [b for b in BACKENDS if b in ("torch", "cpu", "triton")]
+FAST_BACKENDS = [b for b in BACKENDS if b in ("torch", "cpu", "triton", "cuda")]
 
 
 class _Spy:

@@ -119,6 +119,10 @@ def test_dry_run_times_every_provider(dry_run):
     out, _ = dry_run
     records = read(out, "op_timing.jsonl")
     assert [r["kind"] for r in records[:2]] == ["meta", "ceiling"] and records[-1]["kind"] == "done"
+    overhead = {r["provider"]: r for r in records if r["kind"] == "overhead"}
+    assert {"torch.cat", "trivial custom_op", "freeu[triton]", "freeu[triton] via torch.ops"} <= set(overhead)
+    assert overhead["trivial custom_op"]["vs_trivial_op"] == 1.0
+    assert all(r["host_us"] > 0 for r in overhead.values())
     rows = [r for r in records if r["kind"] == "timing"]
     assert not [r for r in rows if "error" in r]
     providers = {r["provider"] for r in rows}
@@ -150,7 +154,7 @@ def test_results_folder_from_the_dry_run(dry_run, tmp_path):
     dest = gpu_results.write_results(out, tmp_path / "cpu-dry-run")
     report = (dest / "report.md").read_text()
     for heading in ("## Device and versions", "## Stages", "## Correctness", "## Op timing", "## compute-sanitizer",
-                    "## Tests on the device", "## python -m bench --quick"):
+                    "## Tests on the device", "## python -m bench --quick", "### Per-call overhead"):
         assert heading in report
     assert "not reached" not in report.lower()
     data = json.loads((dest / "results.json").read_text())

@@ -29,6 +29,8 @@ speedup_vs_reference = reference time / time. Memory (eager row): one call on re
 ``extra_peak_bytes`` = peak allocated during the call minus what stays allocated after it (the output),
 via torch.cuda.reset_peak_memory_stats / max_memory_allocated; ``out_bytes`` = what stays.
 A ``kind: "ceiling"`` line first: a 1 GiB device-to-device copy, GB/s counting bytes read plus written.
+Then ``kind: "overhead"`` lines: the host time per call on a tiny input, each backend through fused_concat
+and through torch.ops, against torch.cat and a trivial custom op (overhead()).
 In a dry run (CPU) the same code runs on tiny shapes with the host clock; there are no graph or memory rows.
 """
 
@@ -233,6 +235,56 @@ def ceiling(target: Target, timer: Timer, out: JsonLines) -> None:
                    gbps=2 * src.numel() * src.element_size() / us / 1e3))
 
 
+OVERHEAD_SHAPE = (1, 4, 8, 8)  # x and h: a call's time is its fixed cost (bench/overhead.py's case)
+OVERHEAD_CALLS, OVERHEAD_ROUNDS = 200, 7
+
+
+def overhead(target: Target, out: JsonLines) -> None:
+    """Host time per call on a tiny input: each fused backend through fused_concat (0-d device factors,
+    as the diffusers integration passes them) and through torch.ops.freeu.fused_concat (the dispatcher),
+    against torch.cat and a trivial torch.library.custom_op (bench/overhead.py's yardstick), interleaved.
+
+    The time is the host's: OVERHEAD_CALLS calls issued back to back, the clock stopped before the one
+    synchronisation that follows (a tiny call's GPU side is a few microseconds of launch latency, queued
+    behind the host). Median over OVERHEAD_ROUNDS rounds; ``vs_trivial_op`` is issue 15's ratio (<= 2x).
+    """
+    import freeu_kernels
+    from bench.overhead import trivial_cat
+
+    x = torch.randn(OVERHEAD_SHAPE, device=target.device)
+    h = torch.randn(OVERHEAD_SHAPE, device=target.device)
+    b = torch.tensor(B, dtype=torch.float32, device=target.device)
+    s = torch.tensor(S, dtype=torch.float32, device=target.device)
+    calls: Dict[str, Callable[[], object]] = {
+        "torch.cat": lambda: torch.cat([x, h], dim=1),
+        "trivial custom_op": lambda: trivial_cat(x, h),
+    }
+    for backend in ("cuda", "triton", "torch"):
+        if target.why_unavailable(backend) is not None or (target.dry_run and backend == "cuda"):
+            continue  # the dry run's cuda is the emulator, not the op: no overhead of the package to time
+        calls[f"freeu[{backend}]"] = (lambda n: lambda: freeu_kernels.fused_concat(x, h, b, s, backend=n))(backend)
+        calls[f"freeu[{backend}] via torch.ops"] = (
+            lambda n: lambda: torch.ops.freeu.fused_concat(x, h, b, s, backend=n))(backend)
+    calls_per_round = 3 if target.dry_run else OVERHEAD_CALLS
+    samples: Dict[str, List[float]] = {name: [] for name in calls}
+    for call in calls.values():
+        call()  # first calls build the plans and caches
+    target.synchronize()
+    for _ in range(1 if target.dry_run else OVERHEAD_ROUNDS):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            for _ in range(calls_per_round):
+                call()
+            samples[name].append((time.perf_counter() - started) * 1e6 / calls_per_round)
+            target.synchronize()
+    trivial = statistics.median(samples["trivial custom_op"])
+    for name, times in samples.items():
+        us = statistics.median(times)
+        out.write(dict(kind="overhead", provider=name, x_shape=list(OVERHEAD_SHAPE), dtype="fp32", host_us=us,
+                       vs_trivial_op=us / trivial if trivial > 0 else None, calls_per_round=calls_per_round,
+                       rounds=len(times)))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     gpu_common.parse_args_common(parser)
@@ -249,6 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.write(dict(kind="meta", device=torch.cuda.get_device_name(0) if target.is_cuda else "cpu (dry run)",
                    l2_bytes=l2, method=method, b=B, s=S, date=gpu_common.utc_now()))
     ceiling(target, timer, out)
+    overhead(target, out)
     for dtype_name in (args.dtypes or ("fp16" if args.dry_run else "fp16,bf16")).split(","):
         for label, xshape, ch, dry_xshape, dry_ch in SHAPES:
             shape, channels = (dry_xshape, dry_ch) if args.dry_run else (xshape, ch)

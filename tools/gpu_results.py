@@ -151,6 +151,15 @@ def timing_section(records: List[Dict]) -> List[str]:
         lines += _table(["provider", "eager us", "graph us", "loop us", "GB/s", "% of copy", "vs torch.cat",
                          "x faster than reference", "extra peak MiB", "diff vs reference (rel.)", "error"], rows)
         lines.append("")
+    overhead = [r for r in records if r.get("kind") == "overhead"]
+    if overhead:
+        lines += ["### Per-call overhead (host time, tiny input)", "",
+                  f"x and h {tuple(overhead[0]['x_shape'])} {overhead[0]['dtype']}; {overhead[0]['calls_per_round']} "
+                  f"calls back to back per round, the clock stopped before the synchronisation, median of "
+                  f"{overhead[0]['rounds']} rounds; target (issue 15): every freeu row <= 2x the trivial custom_op.", ""]
+        lines += _table(["provider", "host us per call", "vs trivial custom_op"],
+                        [[r["provider"], r.get("host_us"), r.get("vs_trivial_op")] for r in overhead])
+        lines.append("")
     lines.append("Ratios use the graph mode where it was measured, else eager. extra peak MiB: peak allocated "
                  "during one call minus what stays allocated (the output). diff vs reference (rel.): max |fused - "
                  "reference| / max |reference| against the reference provider's float32 FFT output, a guard "

@@ -13,7 +13,7 @@
 #   1 facts_build    60  versions and device facts (facts.jsonl), then the CUDA library alone (the GPU's
 #                        architecture; the CPU library is skipped) and what it reports
 #   2 correctness   100  cuda + triton vs the float64 oracle, graphs, streams (correctness.jsonl)
-#   3 op_timing      75  cuda, triton vs torch.cat, copy, the FFT reference; memory (op_timing.jsonl)
+#   3 op_timing      75  cuda, triton vs torch.cat, copy, the FFT reference; memory; per-call overhead (op_timing.jsonl)
 #   4 memcheck       50  compute-sanitizer memcheck, small shapes, both backends (sanitizer.jsonl)
 #     racecheck      25  compute-sanitizer racecheck, the CUDA kernel
 #   5 pytest_cuda    45  the GPU tests and the cuda part of the test matrix, --timeout per test, no -x
@@ -183,7 +183,7 @@ run_pytest() {
 
 # The test files that run a backend (a string: arrays do not reach the stage's child shell).
 GPU_TEST_FILES="tests/test_cuda_backend.py tests/test_fused_concat.py tests/test_variants.py tests/test_errors.py
-                tests/test_autograd.py tests/test_properties.py tests/test_compile.py"
+                tests/test_autograd.py tests/test_properties.py tests/test_compile.py tests/test_fast_path.py"
 pytest_cuda() {
     local files
     read -r -d '' -a files <<<"$GPU_TEST_FILES"
