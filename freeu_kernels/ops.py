@@ -181,7 +181,16 @@ class _CallPlan:
         self.extra_windows = bool(spec.extra_windows)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """The op's output for x, h of this plan's key and checked 0-d factors b, s."""
+        """The op's output for x, h of this plan's key and checked 0-d factors b, s.
+
+        Autocast does not reach the kernels: the output's dtype is x's by definition, and an autocast
+        region would otherwise recast the torch backend's GEMMs (and reject their out= buffers)."""
+        if _any_autocast_enabled():
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x, h, b, s)
+        return self._forward(x, h, b, s)
+
+    def _forward(self, x: torch.Tensor, h: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         factor_dtype = self.factor_dtype
         if b.dtype is not factor_dtype:  # torch.dtype objects are singletons
             b = b.to(factor_dtype)
@@ -198,6 +207,16 @@ class _CallPlan:
         if self.extra_windows:
             _write_extra_windows(out, x, b, self.spec, scale_map)
         return out
+
+
+def _autocast_query():
+    """A function telling whether an autocast region is active for any device type: torch's own single
+    query where this torch has it (one C call per op call), else the CUDA and CPU queries."""
+    query = getattr(torch._C, "_is_any_autocast_enabled", None)
+    return query if query is not None else (lambda: torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled())
+
+
+_any_autocast_enabled = _autocast_query()
 
 
 # Validated calls of the op, keyed on everything make_spec, the backend choice and the binding read

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import freeu_kernels
 from freeu_kernels import fused_concat, fused_concat_reference
 from freeu_kernels import ops as freeu_ops
 
@@ -198,15 +197,59 @@ def threads_restored():
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="CPU kernel library not built")
-def test_cpu_fast_path_follows_the_thread_count(threads_restored):
-    """The bound CPU runner reads torch.get_num_threads per call (the binding does not freeze it); the
-    output bits do not depend on it (each plane is one thread's work)."""
+def test_cpu_fast_path_follows_the_thread_count(threads_restored, monkeypatch):
+    """The bound CPU runner passes the kernel torch.get_num_threads of each call (the binding does not
+    freeze it); the output bits do not depend on it (each plane is one thread's work)."""
+    from freeu_kernels.backends import c_abi
+
+    passed = []
+    original_run = c_abi._LaunchPlan.run
+
+    def recording_run(self, *args, **kwargs):
+        passed.append(kwargs.get("num_sms"))
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(c_abi._LaunchPlan, "run", recording_run)
     x, h = make_inputs("many_tiny", torch.float32)
     torch.set_num_threads(1)
     one = fused_concat(x, h, 1.25, 0.5, backend="cpu")
     torch.set_num_threads(2)
     two = fused_concat(x, h, 1.25, 0.5, backend="cpu")
+    assert passed == [1, 2]
     assert torch.equal(one, two)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="CPU kernel library not built")
+def test_a_bound_launch_is_per_device():
+    """c_abi's plans are cached per device too: a plan bound for one device, reused for another of the same
+    spec and strides, would check the factors against the first device (the meta device stands in for a
+    second GPU here; nothing is launched)."""
+    from freeu_kernels.backends import c_abi, cpu_backend
+    from freeu_kernels.spec import make_spec
+
+    x, h = make_inputs("square8", torch.float32)
+    lib = cpu_backend._LIBRARY.for_call(x, "cpu", "CPU", "cpu")
+    on_cpu = c_abi.bind_launch(lib, x, h, make_spec(x, h), num_sms=80, kernel="CUDA")
+    xm, hm = x.to("meta"), h.to("meta")
+    on_meta = c_abi.bind_launch(lib, xm, hm, make_spec(xm, hm), num_sms=80, kernel="CUDA")
+    assert on_meta is not on_cpu and on_meta.device == xm.device
+    assert on_meta._factor("b", torch.tensor(1.0, device="meta"))[0] is not None  # accepted by pointer
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_autocast_does_not_reach_the_kernels(backend):
+    """Under an autocast region the op gives what it gives outside it, bit for bit, in x's dtype (the torch
+    backend's GEMMs would otherwise be recast, and their out= buffers rejected)."""
+    x, h = make_inputs("separable_24x40", torch.float32)
+    plain = fused_concat(x, h, 1.25, 0.5, backend=backend, threshold=2)
+    device_type = x.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        first = fused_concat(x, h, 1.25, 0.5, backend=backend, threshold=2)
+        again = fused_concat(x, h, 1.25, 0.5, backend=backend, threshold=2)
+        through_op = torch.ops.freeu.fused_concat(x, h, torch.tensor(1.25), torch.tensor(0.5), threshold=2,
+                                                  backend=backend)
+    assert first.dtype == torch.float32
+    assert torch.equal(first, plain) and torch.equal(again, plain) and torch.equal(through_op, plain)
 
 
 def test_environment_backend_is_read_per_call(monkeypatch):
@@ -218,4 +261,3 @@ def test_environment_backend_is_read_per_call(monkeypatch):
     monkeypatch.setenv(freeu_ops.ENV_BACKEND, "no-such-backend")
     with pytest.raises(ValueError, match="backend"):
         fused_concat(x, h, 1.25, 0.5)
-    assert freeu_kernels.available_backends("cpu")[0] in ("cpu", "torch")

@@ -52,6 +52,9 @@ def test_repeated_call_does_not_revalidate(backend, monkeypatch):
     monkeypatch.setattr(c_abi, "_LaunchPlan", CountingPlan)
     monkeypatch.setattr(spec_module, "_SPEC_CACHE", {})
     monkeypatch.setattr(c_abi, "_PLANS", {})
+    # The op's own plans too: a call an earlier test made would otherwise skip the first validation here.
+    monkeypatch.setattr(freeu_ops, "_EAGER_CALLS", {})
+    monkeypatch.setattr(freeu_ops, "_CALL_PLANS", {})
     x, h = X.clone(), H.clone()  # fresh tensors: the caches key on properties, not on identity
     first = freeu_kernels.fused_concat(x, h, 1.2, 0.9, backend=backend, threshold=(1, 2))
     after_first = dict(calls)

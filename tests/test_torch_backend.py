@@ -379,3 +379,21 @@ def test_accelerator_path_reads_nothing_on_the_host(factor_device, dtype):
         assert out.shape == (shape[0], 2 * shape[1]) + shape[2:] and out.device.type == "meta"
         assert "_local_scalar_dense" not in counter.ops, (torch_path(spec), dict(counter.ops))
         assert sum(counter.compute().values()) <= COMPUTE_OP_BUDGET, (torch_path(spec), dict(counter.ops))
+
+
+def test_tables_are_not_built_during_cuda_graph_capture(monkeypatch):
+    """A first call of a plane shape inside a CUDA graph capture would build its tables there (host-to-device
+    copies are illegal, device ops only recorded, a cached table garbage afterwards): refused with a message
+    asking for a warm-up call. Simulated on a machine without CUDA: the capture query is patched and the
+    refusal comes before anything touches the device."""
+    from freeu_kernels.backends import torch_backend
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    spec = make_spec(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8))
+    cuda = torch.device("cuda")
+    with pytest.raises(RuntimeError, match="before CUDA graph capture"):
+        torch_backend._per_plane({}, lambda *args: pytest.fail("built during capture"), spec, cuda, torch.float32)
+    with pytest.raises(RuntimeError, match="before CUDA graph capture"):
+        torch_backend.twiddle_table(13, 0, 2, cuda, torch.float32)
+    # Not capturing, or another device: built as usual.
+    assert torch_backend._per_plane({}, lambda *args: "table", spec, torch.device("cpu"), torch.float32) == "table"

@@ -276,11 +276,11 @@ def bind_launch(lib: ctypes.CDLL, x: torch.Tensor, h: torch.Tensor, spec: FreeUS
                 factors_by_pointer: bool = False, host_library: bool = False, kernel: str = "CUDA") -> _LaunchPlan:
     """The launch of ``lib`` for every call with x's and h's strides and this spec, checked and packed once.
 
-    Cached per (library, spec, strides, num_sms, options); :meth:`_LaunchPlan.run` is the call. Raises
+    Cached per (library, spec, strides, device, num_sms, options); :meth:`_LaunchPlan.run` is the call. Raises
     TypeError for a dtype the kernel does not compute and ValueError for sizes or strides it cannot
     address, here, before anything is cached.
     """
-    key = (id(lib), spec, x.stride(), h.stride(), num_sms, factors_by_pointer, host_library, kernel)
+    key = (id(lib), spec, x.stride(), h.stride(), x.device, num_sms, factors_by_pointer, host_library, kernel)
     plan = _PLANS.get(key)
     if plan is None or plan.lib is not lib:
         plan = _LaunchPlan(lib, x, h, spec, num_sms, kernel, factors_by_pointer, host_library)

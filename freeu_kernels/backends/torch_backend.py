@@ -139,8 +139,20 @@ def _per_plane(cache: dict, build: Callable, spec: FreeUSpec, device: torch.devi
     key = (spec.height, spec.width, spec.band) + extra + (device, dtype)
     table = cache.get(key)
     if table is None:
+        _refuse_capture(device)
         table = _bounded_store(cache, key, _built_once(build)(spec, device, dtype))
     return table
+
+
+def _refuse_capture(device: torch.device) -> None:
+    """A table is about to be built on ``device``: refused during CUDA graph capture, where its
+    host-to-device copies are illegal and its device ops would only be recorded (a cached table would
+    then hold garbage for every later eager call)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "the torch backend builds its tables for a plane shape and band on the first call with them; make "
+            "that call once before CUDA graph capture (a warm-up call, as torch.compile's CUDA graphs and the "
+            "usual capture recipe do), or use the triton or cuda backend")
 
 
 _TWIDDLES: Dict[Tuple, torch.Tensor] = {}
@@ -156,6 +168,7 @@ def twiddle_table(size: int, k0: int, count: int, device: torch.device, dtype: t
     key = (size, k0, count, device, dtype)
     table = _TWIDDLES.get(key)
     if table is None:
+        _refuse_capture(device)
         n = torch.arange(size, dtype=torch.int64)
         k = torch.arange(k0, k0 + count, dtype=torch.int64)
         angle = (torch.remainder(n[:, None] * k[None, :], size).to(torch.float64)) * (2 * math.pi / size)
