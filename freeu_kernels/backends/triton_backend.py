@@ -266,7 +266,9 @@ def bind_triton(spec: FreeUSpec, x, h):
     """
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; the triton backend takes {KERNEL_DTYPES}; use backend='torch'")
-    out = allocate_output(x, spec.skip_channels)  # strides only: allocate_output is deterministic
+    # The output's strides from a meta twin of x (allocate_output is deterministic in the strides): nothing
+    # is allocated on the device here.
+    out = allocate_output(torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta"), spec.skip_channels)
     empty = out.numel() == 0
     strides = (logical_strides(x), logical_strides(h), logical_strides(out))
     device_type, band, high_gain = x.device.type, spec.band, spec.high_gain
