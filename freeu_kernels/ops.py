@@ -478,15 +478,21 @@ def _fake_or_proxy_mode_active() -> bool:
             or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None)
 
 
+def _factor_key(kind: type, value, dtype: torch.dtype) -> tuple:
+    """_FACTOR_TENSORS' key of a Python-number factor (_as_factor stores, the fast path looks up).
+
+    -0.0 == 0.0 (and they hash alike), but x * -0.0 and x * 0.0 differ in the sign of every zero: the
+    sign is part of the key."""
+    return (kind, value, dtype, math.copysign(1.0, value) if kind is float else 1.0)
+
+
 def _as_factor(name: str, value, like: torch.Tensor) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         check_factor(name, value, like.device)
         return value
     dtype = _factor_dtype(like.dtype) if isinstance(like, torch.Tensor) else torch.float64
     kind = type(value)
-    # -0.0 == 0.0 (and they hash alike), but x * -0.0 and x * 0.0 differ in the sign of every zero: the
-    # sign is part of the key.
-    key = (kind, value, dtype, math.copysign(1.0, value) if kind is float else 1.0)
+    key = _factor_key(kind, value, dtype)
     # Under a fake or make_fx proxy mode the tensor made here is fake, and a cached real one would be
     # refused: no cache there.
     cacheable = (kind is float or kind is int) and not _fake_or_proxy_mode_active()
@@ -666,8 +672,7 @@ def _eager_factor(value, x: torch.Tensor) -> Optional[torch.Tensor]:
     if kind is torch.Tensor:
         return value if _plain_factor_tensor(value, x) else None
     if kind is float or kind is int:
-        return _FACTOR_TENSORS.get((kind, value, _factor_dtype(x.dtype), math.copysign(1.0, value) if kind is float
-                                    else 1.0))
+        return _FACTOR_TENSORS.get(_factor_key(kind, value, _factor_dtype(x.dtype)))
     return None
 
 
